@@ -1,0 +1,1 @@
+"""Benchmark evaluation, pass-rate estimation and difficulty curation on the rollout pool."""

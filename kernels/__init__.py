@@ -1,0 +1,1 @@
+"""Triton kernels of the learner's hot path and their PyTorch reference twins."""

@@ -1,0 +1,65 @@
+"""The `medvl-engine` command: one subcommand per job, each imported only when it runs.
+
+Every subcommand lives in its own module with two functions, `add_arguments(parser)` and
+`main(args) -> int`; this file only maps names to modules, so `medvl-engine score` never pays for
+DeepSpeed's or SGLang's import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from medvl_engine import __version__
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("medvl_engine.demo", "run the main job end to end on the bundled default data"),
+    "score": ("medvl_engine.scoring", "score model answers against a dataset and print the accuracy table"),
+    "rollout-worker": ("medvl_engine.rollout.worker", "run a rollout worker that streams scored GRPO groups"),
+    "sft": ("medvl_engine.trainers.sft", "supervised fine-tuning with DeepSpeed"),
+    "grpo": ("medvl_engine.trainers.grpo", "GRPO training with DeepSpeed on the rollout stream"),
+    "eval": ("medvl_engine.evals.evaluate", "evaluate a model on medical VQA benchmarks"),
+    "passrate": ("medvl_engine.evals.passrate", "estimate per-question pass counts (n samples each)"),
+    "curate": ("medvl_engine.evals.curate", "keep questions by pass count and order them by difficulty"),
+    "report": ("medvl_engine.evals.report", "compare evaluation runs side by side"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="medvl-engine",
+        description="medvl-engine: RL and evaluation engine for medical vision-language models",
+        epilog=f"commands:\n{lines}\n\nrun `medvl-engine COMMAND --help` for a command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"medvl-engine {__version__}")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0].startswith("-"):
+        top.parse_args(argv or ["--help"])
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        top.error(f"unknown command {name!r} (choose from {', '.join(COMMANDS)})")
+    module_name, help_ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            top.error(f"command {name!r} is not available in this build ({module_name} is missing)")
+        raise
+    parser = argparse.ArgumentParser(prog=f"medvl-engine {name}", description=help_)
+    module.add_arguments(parser)
+    return int(module.main(parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

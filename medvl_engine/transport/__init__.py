@@ -1,0 +1,1 @@
+"""ZeroMQ transport of scored rollout groups (msgspec messages, credit flow control, sequence numbers)."""

@@ -1,0 +1,161 @@
+"""Every message that crosses a process boundary, as tagged msgspec Structs encoded with msgpack.
+
+Token ids (int32) and log-probs (float32) travel as raw little-endian buffers (`bytes` fields),
+never as lists and never pickled: a group of 8 answers of 4k tokens is ~256 KB of buffers and one
+header, and decoding it is a memcpy plus `np.frombuffer`, not 32k Python ints.
+
+Flow: a producer (rollout worker) sends `Hello`; the consumer answers with `Credit` (how many more
+groups it may send, and the sequence number it expects next, so a restarted producer resumes where
+the consumer is); the producer sends `RolloutGroup`s and `RolloutError`s numbered by `seq`;
+`WeightVersion` announces new policy weights from the learner to the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+import numpy as np
+
+TOKEN_DTYPE = np.dtype("<i4")
+LOGPROB_DTYPE = np.dtype("<f4")
+
+
+class Hello(msgspec.Struct, tag="hello"):
+    producer: str
+    pid: int
+    weight_version: int = 0
+
+
+class Credit(msgspec.Struct, tag="credit"):
+    """Consumer -> producer: `credits` more groups may be sent; `next_seq` is the next one expected."""
+
+    producer: str
+    credits: int
+    next_seq: int
+    consumer_version: int = 0
+
+
+class WeightVersion(msgspec.Struct, tag="weights"):
+    """Learner -> workers: policy `version` is ready (at `path` when it travels through disk)."""
+
+    version: int
+    path: str = ""
+
+
+class RolloutError(msgspec.Struct, tag="error"):
+    """A prompt that could not be completed after its retries; it takes a sequence number like a group."""
+
+    producer: str
+    seq: int
+    prompt_id: str
+    reason: str
+    attempts: int = 0
+
+
+class RolloutGroup(msgspec.Struct, tag="group"):
+    """The n scored answers of one prompt (one GRPO group)."""
+
+    producer: str
+    seq: int
+    prompt_id: str
+    dataset_name: str
+    dataset_index: int
+    weight_version: int
+    answer_label: str
+    prompt_ids: bytes  # int32 [P]
+    response_ids: list[bytes]  # n x int32 [T_i]
+    logprobs: list[bytes]  # n x float32 [T_i], or empty bytes when the engine returned none
+    texts: list[str]
+    finish_reasons: list[str]
+    rewards: bytes  # float32 [n]
+    correct: bytes  # bool [n]
+    format_ok: bytes  # bool [n]
+    letters: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.response_ids)
+
+    def prompt_array(self) -> np.ndarray:
+        return np.frombuffer(self.prompt_ids, dtype=TOKEN_DTYPE)
+
+    def response_array(self, i: int) -> np.ndarray:
+        return np.frombuffer(self.response_ids[i], dtype=TOKEN_DTYPE)
+
+    def logprob_array(self, i: int) -> np.ndarray | None:
+        buf = self.logprobs[i]
+        return np.frombuffer(buf, dtype=LOGPROB_DTYPE) if buf else None
+
+    def reward_array(self) -> np.ndarray:
+        return np.frombuffer(self.rewards, dtype=LOGPROB_DTYPE)
+
+    def correct_array(self) -> np.ndarray:
+        return np.frombuffer(self.correct, dtype=np.bool_)
+
+    def format_array(self) -> np.ndarray:
+        return np.frombuffer(self.format_ok, dtype=np.bool_)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        producer: str,
+        seq: int,
+        prompt_id: str,
+        dataset_name: str,
+        dataset_index: int,
+        weight_version: int,
+        answer_label: str,
+        prompt_ids: Sequence[int] | np.ndarray,
+        response_ids: Sequence[Sequence[int] | np.ndarray],
+        logprobs: Sequence[Sequence[float] | np.ndarray | None],
+        texts: Sequence[str],
+        finish_reasons: Sequence[str],
+        rewards: Sequence[float] | np.ndarray,
+        correct: Sequence[bool] | np.ndarray,
+        format_ok: Sequence[bool] | np.ndarray,
+        letters: Sequence[str],
+    ) -> RolloutGroup:
+        n = len(response_ids)
+        for name, seq_ in (("logprobs", logprobs), ("texts", texts), ("finish_reasons", finish_reasons),
+                           ("rewards", rewards), ("correct", correct), ("format_ok", format_ok),
+                           ("letters", letters)):
+            if len(seq_) != n:
+                raise ValueError(f"RolloutGroup {prompt_id!r}: {name} has {len(seq_)} entries, expected {n}")
+        return cls(
+            producer=producer,
+            seq=seq,
+            prompt_id=prompt_id,
+            dataset_name=dataset_name,
+            dataset_index=int(dataset_index),
+            weight_version=int(weight_version),
+            answer_label=answer_label,
+            prompt_ids=_buffer(prompt_ids, TOKEN_DTYPE),
+            response_ids=[_buffer(r, TOKEN_DTYPE) for r in response_ids],
+            logprobs=[b"" if lp is None else _buffer(lp, LOGPROB_DTYPE) for lp in logprobs],
+            texts=list(texts),
+            finish_reasons=list(finish_reasons),
+            rewards=_buffer(rewards, LOGPROB_DTYPE),
+            correct=_buffer(correct, np.bool_),
+            format_ok=_buffer(format_ok, np.bool_),
+            letters=list(letters),
+        )
+
+
+def _buffer(values, dtype) -> bytes:
+    return np.ascontiguousarray(np.asarray(values), dtype=dtype).tobytes()
+
+
+Message = Hello | Credit | WeightVersion | RolloutError | RolloutGroup
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(buf: bytes | memoryview) -> Message:
+    return _decoder.decode(buf)

