@@ -1,1 +1,35 @@
-"""ZeroMQ transport of scored rollout groups (msgspec messages, credit flow control, sequence numbers)."""
+"""ZeroMQ transport of scored rollout groups (msgspec messages, credit flow control, sequence numbers).
+
+The consumer side is `GroupReceiver` (an iterator of RolloutGroup / RolloutError), the producer side
+`GroupSender`; `channel.py` documents the protocol and the restart contract.
+"""
+
+from medvl_engine.transport.channel import (
+    AUTO_SEQ,
+    GroupReceiver,
+    GroupSender,
+    ProducerStats,
+    ProtocolError,
+    ReceiverStats,
+    SenderStats,
+    SequenceGap,
+    TransportError,
+)
+from medvl_engine.transport.messages import Credit, Hello, RolloutError, RolloutGroup, WeightVersion
+
+__all__ = [
+    "AUTO_SEQ",
+    "Credit",
+    "GroupReceiver",
+    "GroupSender",
+    "Hello",
+    "ProducerStats",
+    "ProtocolError",
+    "ReceiverStats",
+    "RolloutError",
+    "RolloutGroup",
+    "SenderStats",
+    "SequenceGap",
+    "TransportError",
+    "WeightVersion",
+]

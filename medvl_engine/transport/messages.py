@@ -28,12 +28,19 @@ class Hello(msgspec.Struct, tag="hello"):
 
 
 class Credit(msgspec.Struct, tag="credit"):
-    """Consumer -> producer: `credits` more groups may be sent; `next_seq` is the next one expected."""
+    """Consumer -> producer: `credits` more groups may be sent; `next_seq` is the next one expected.
+
+    The producer may send sequence numbers below `next_seq + credits`. `window` is the consumer's
+    grant per producer (messages sent but not yet handed to the consumer's application), so
+    `next_seq + credits - window` is how far the application has consumed. Every Credit restates the
+    whole limit rather than adding to it, so a repeated or dropped Credit cannot inflate or leak credit.
+    """
 
     producer: str
     credits: int
     next_seq: int
     consumer_version: int = 0
+    window: int = 0
 
 
 class WeightVersion(msgspec.Struct, tag="weights"):
