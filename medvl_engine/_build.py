@@ -8,6 +8,7 @@ rather than a silently stale extension.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -23,8 +24,10 @@ def source_hash(root: Path) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+@functools.cache
 def load_native():
-    """Import `medvl_engine._native`; raise ImportError naming the fix when it is missing or stale."""
+    """Import `medvl_engine._native` (checked once per process); raise ImportError naming the fix when it is
+    missing or stale."""
     try:
         from medvl_engine import _native
     except ImportError as exc:
