@@ -1,0 +1,35 @@
+"""`medvl-engine demo`: the main job on the bundled default data.
+
+For now it scores the bundled model answers (`medvl_engine/data/bundled/answers.jsonl`: correct, wrong
+and malformed responses) against the bundled questions in MedVLThinker's three grading modes and
+prints the accuracy tables side by side, so the difference between the strict RL reward and the
+looser published-table rule is visible on one screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from medvl_engine.data import bundled_answers_path, load_bundled
+from medvl_engine.rewards import MODES
+from medvl_engine.scoring import read_answers, score_answers, summary_line, write_jsonl
+from medvl_engine.tables import comparison_markdown
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", help="write the answers scored in regrade mode to this jsonl")
+    parser.add_argument("--threads", type=int, default=None, help="scoring threads (default: every core)")
+
+
+def main(args: argparse.Namespace) -> int:
+    samples = load_bundled()
+    records = read_answers(bundled_answers_path())
+    runs = {mode: score_answers(records, samples, mode=mode, threads=args.threads) for mode in MODES}
+    print(summary_line(runs["regrade"], samples.name, modes="modes: " + ", ".join(MODES)))
+    print(comparison_markdown({mode: run.table for mode, run in runs.items()}, counts=True))
+    formatted = sum(row["format_ok"] for row in runs["reward"].rows)
+    print(f"{formatted} of {len(records)} responses pass the reward's format gate "
+          "<think>...</think> <answer>...</answer>")
+    if args.output:
+        print(f"wrote {write_jsonl(args.output, runs['regrade'].rows)}")
+    return 0

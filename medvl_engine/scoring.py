@@ -1,0 +1,218 @@
+"""`medvl-engine score`: grade a file of model answers against a dataset and print the accuracy table.
+
+    medvl-engine score answers.jsonl --dataset UCSC-VLAA/MedVLThinker-Eval --mode regrade --output scored.jsonl
+
+The answers file is jsonl in either layout, line by line:
+- ``{"dataset_index": 12, "response": "<think> ... </think>\\n<answer> B </answer>"}``, or
+- MedVLThinker's eval_results.jsonl: ``{"dataset_index": 12, "parsed_outputs": [{"output_text": ...}, ...]}``
+  with one entry per rollout.
+Every response is scored in one batched native call (`medvl_engine.rewards.score_samples`). A question's
+accuracy is the mean over its responses, a dataset's the mean over its questions (MedVLThinker's
+`average_num_correct`), shown in MedVLThinker's table order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medvl_engine.data import DataError, SampleSet, load_bundled, load_samples
+from medvl_engine.rewards import MODES, score_samples
+from medvl_engine.tables import AccuracyTable, accuracy_table
+
+
+class AnswerFileError(ValueError):
+    """The answers file does not fit either layout; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """One line of an answers file: the question it answers and its responses (one, or one per rollout)."""
+
+    line: int
+    dataset_index: int
+    responses: list[str]
+    source: dict
+    layout: str  # "response" or "eval_results"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("response", "eval_results"):
+            raise ValueError(f"layout must be 'response' or 'eval_results', got {self.layout!r}")
+        if not self.responses:
+            raise ValueError(f"line {self.line}: no responses")
+
+
+@dataclass(frozen=True)
+class ScoredAnswers:
+    """The scored lines (ready for jsonl) and the per-dataset table."""
+
+    rows: list[dict]
+    table: AccuracyTable
+    responses: int
+    questions: int
+    dataset_questions: int
+    mode: str
+
+
+def read_answers(path: str | Path) -> list[AnswerRecord]:
+    path = Path(path)
+    if not path.is_file():
+        raise AnswerFileError(f"{path}: answers file not found")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                records.append(_parse_line(line, f"{path}: line {line_number}", line_number))
+    if not records:
+        raise AnswerFileError(f"{path}: no answers (the file is empty)")
+    return records
+
+
+def _parse_line(line: str, where: str, line_number: int) -> AnswerRecord:
+    try:
+        obj = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        raise AnswerFileError(f"{where}: not valid JSON ({exc.msg}: column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise AnswerFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "dataset_index" not in obj:
+        raise AnswerFileError(f"{where}: missing field 'dataset_index'")
+    index = obj["dataset_index"]
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise AnswerFileError(f"{where}: field 'dataset_index' must be an integer, got {index!r}")
+    if "parsed_outputs" in obj:
+        outputs = obj["parsed_outputs"]
+        if not isinstance(outputs, list) or not outputs:
+            raise AnswerFileError(f"{where}: field 'parsed_outputs' must be a non-empty list")
+        responses = []
+        for i, output in enumerate(outputs):
+            text = output.get("output_text") if isinstance(output, dict) else None
+            if not isinstance(text, str):
+                raise AnswerFileError(f"{where}: field 'parsed_outputs'[{i}].output_text must be a string")
+            responses.append(text)
+        return AnswerRecord(line_number, index, responses, obj, "eval_results")
+    if "response" not in obj:
+        raise AnswerFileError(f"{where}: missing field 'response' (or 'parsed_outputs' for eval_results.jsonl)")
+    if not isinstance(obj["response"], str):
+        raise AnswerFileError(f"{where}: field 'response' must be a string, got {type(obj['response']).__name__}")
+    return AnswerRecord(line_number, index, [obj["response"]], obj, "response")
+
+
+def score_answers(
+    records: Sequence[AnswerRecord], samples: SampleSet, *, mode: str = "regrade", threads: int | None = None,
+    source: str = "answers",
+) -> ScoredAnswers:
+    """Score every response of `records` against its sample in one batch; `source` names the answers
+    file in errors."""
+    by_index = samples.by_index()
+    flat_responses, flat_samples = [], []
+    for record in records:
+        sample = by_index.get(record.dataset_index)
+        if sample is None:
+            raise AnswerFileError(
+                f"{source}: line {record.line}: dataset_index {record.dataset_index} is not in {samples.name} "
+                f"({len(samples)} questions)"
+            )
+        flat_responses += record.responses
+        flat_samples += [sample] * len(record.responses)
+    result = score_samples(flat_responses, flat_samples, mode=mode, threads=threads)
+
+    rows, per_question, start = [], {}, 0
+    for record in records:
+        sample = by_index[record.dataset_index]
+        span = range(start, start + len(record.responses))
+        start = span.stop
+        scored = [
+            {
+                "parsed": result.parsed[i],
+                "letter": result.letter[i],
+                "correct": bool(result.correct[i]),
+                "format_ok": bool(result.format_ok[i]),
+                "reward": float(result.reward[i]),
+            }
+            for i in span
+        ]
+        rows.append(_scored_row(record, sample, scored, mode))
+        per_question.setdefault(record.dataset_index, []).extend(s["correct"] for s in scored)
+    table = accuracy_table(
+        (by_index[index].dataset_name or samples.name, sum(hits) / len(hits)) for index, hits in per_question.items()
+    )
+    return ScoredAnswers(rows, table, len(flat_responses), len(per_question), len(samples), mode)
+
+
+def _scored_row(record: AnswerRecord, sample, scored: list[dict], mode: str) -> dict:
+    truth = {"dataset_name": sample.dataset_name, "answer_label": sample.answer_label, "answer": sample.answer}
+    if record.layout == "response":
+        return {**record.source, **truth, "mode": mode, **scored[0]}
+    outputs = []
+    for output, s in zip(record.source["parsed_outputs"], scored):
+        # MedVLThinker's regrader keeps the mapped option letter in pred_letter, else the raw prediction.
+        outputs.append({**output, **s, "pred_letter": s["letter"] or s["parsed"], "is_correct": s["correct"]})
+    num_correct = sum(s["correct"] for s in scored)
+    return {
+        **record.source, **truth, "mode": mode, "parsed_outputs": outputs, "num_rollouts": len(scored),
+        "num_correct": num_correct, "average_num_correct": num_correct / len(scored),
+    }
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def summary_line(scored: ScoredAnswers, dataset_name: str, *, modes: str | None = None) -> str:
+    return (
+        f"scored {scored.responses} responses to {scored.questions} of {scored.dataset_questions} questions "
+        f"of {dataset_name} ({modes or 'mode: ' + scored.mode})"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("answers", help="jsonl of {dataset_index, response} lines or MedVLThinker's eval_results.jsonl")
+    parser.add_argument(
+        "--dataset", help="the questions: a .jsonl or .parquet file, a save_to_disk folder or a hub name "
+        "(default: the bundled set)",
+    )
+    parser.add_argument("--split", default="test", help="split of a hub dataset or a saved DatasetDict (default: test)")
+    parser.add_argument("--skip-invalid", action="store_true", help="drop dataset rows that do not fit, and list them")
+    parser.add_argument(
+        "--mode", choices=MODES, default="regrade",
+        help="reward: the strict RL reward; eval: MedVLThinker's offline evaluation; regrade: the looser rule "
+        "behind its published tables (default)",
+    )
+    parser.add_argument("--output", help="write the scored answers to this jsonl")
+    parser.add_argument("--table-json", help="write the accuracy table to this JSON file")
+    parser.add_argument("--threads", type=int, default=None, help="scoring threads (default: every core)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        if args.dataset is None:
+            samples = load_bundled(skip_invalid=args.skip_invalid)
+        else:
+            samples = load_samples(args.dataset, split=args.split, skip_invalid=args.skip_invalid)
+        if samples.skipped:
+            print(samples.skipped_summary(), file=sys.stderr)
+        scored = score_answers(read_answers(args.answers), samples, mode=args.mode, threads=args.threads,
+                               source=args.answers)
+    except (DataError, AnswerFileError) as exc:
+        print(f"medvl-engine score: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_line(scored, samples.name))
+    print(scored.table.to_markdown())
+    if args.output:
+        print(f"wrote {write_jsonl(args.output, scored.rows)}")
+    if args.table_json:
+        path = Path(args.table_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"mode": args.mode, **scored.table.to_dict()}, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
