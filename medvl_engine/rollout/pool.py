@@ -1,0 +1,342 @@
+"""RolloutPool: keeps every backend busy with GRPO groups and streams them back scored, as they finish.
+
+    pool = RolloutPool(backends, requests, SamplingParams(n=8, temperature=1.0), max_in_flight=32)
+    async for item in pool.stream(limit=256):
+        if isinstance(item, FailedPrompt): log(item)           # reported, never silently dropped
+        else: sink(to_message(item, producer="w0", seq=...))  # a ScoredGroup
+
+Scheduling: a prompt (one group of `n` answers) goes to the least-loaded backend that has a free
+slot (`max_in_flight` groups per backend); a group is scored and yielded the moment its `n` answers
+are in, whatever else is still running. Scoring uses `medvl_engine.rewards.score_samples` on the
+group's `n` texts (one native call; a group of 8 takes microseconds, so it runs on the loop).
+
+Off-policy bound (`max_staleness=k`): a group's version is the weight version of the backend that
+starts it. The pool starts no group while the oldest unconsumed group — those in flight, plus the one
+it would start now — would be more than k versions behind the consumer's version
+(`set_consumer_version(v)`, the learner's step); in-flight groups still finish and are yielded.
+
+Failures: a backend call that raises or exceeds `timeout_s` is retried (on another backend when one
+is free) up to `retries` times; then the prompt comes out of the stream as a `FailedPrompt` with every
+attempt's reason. A prompt is scored once, after its one successful attempt.
+
+Dynamic sampling: groups whose rewards are all equal carry no GRPO signal; they are dropped and
+counted (`stats.dropped_constant`) and the pool keeps pulling prompts until `limit` useful groups
+have been yielded or the prompts run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medvl_engine.rollout.backend import Backend
+from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams
+from medvl_engine.transport.messages import RolloutGroup
+
+# How often a pool blocked only by the staleness bound re-reads the backends' weight versions
+# (backends do not announce updates to the pool): 20 ms is noise next to a weight update.
+_STALENESS_POLL_S = 0.02
+
+
+@dataclass
+class ScoredGroup:
+    """The `n` scored answers of one prompt, ready for a learner or a sink."""
+
+    request: PromptRequest
+    completions: list[Completion]
+    rewards: np.ndarray  # float32 [n]
+    correct: np.ndarray  # bool [n]
+    format_ok: np.ndarray  # bool [n]
+    letters: list[str]
+    weight_version: int  # the oldest policy version among the answers
+    attempts: int = 1
+
+    def __post_init__(self):
+        n = len(self.completions)
+        if n == 0:
+            raise ValueError(f"ScoredGroup {self.request.prompt_id!r}: no completions")
+        for name in ("rewards", "correct", "format_ok", "letters"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"ScoredGroup {self.request.prompt_id!r}: {name} has "
+                                 f"{len(getattr(self, name))} entries for {n} completions")
+
+    @property
+    def n(self) -> int:
+        return len(self.completions)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.completions)
+
+
+@dataclass
+class FailedPrompt:
+    """A prompt whose every attempt failed; `errors` holds one line per attempt, `reason` the last."""
+
+    request: PromptRequest
+    reason: str
+    attempts: int
+    errors: tuple[str, ...] = ()
+
+
+@dataclass
+class PoolStats:
+    prompts_started: int = 0
+    groups_emitted: int = 0
+    dropped_constant: int = 0
+    failed: int = 0
+    retried_attempts: int = 0
+    tokens_generated: int = 0
+    staleness_waits: int = 0
+    started_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started_at
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_generated / max(self.elapsed_s, 1e-9)
+
+
+class RolloutPool:
+    """Drives `backends` with the prompts of `requests`; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        requests: Iterable[PromptRequest],
+        params: SamplingParams,
+        *,
+        max_in_flight: int = 8,
+        dynamic_sampling: bool = False,
+        max_staleness: int | None = None,
+        retries: int = 2,
+        timeout_s: float | None = None,
+        score_mode: str = "reward",
+    ):
+        from medvl_engine.rewards import check_mode
+
+        if not backends:
+            raise ValueError("RolloutPool: no backends given")
+        if max_in_flight < 1:
+            raise ValueError(f"RolloutPool: max_in_flight must be >= 1, got {max_in_flight}")
+        if retries < 0:
+            raise ValueError(f"RolloutPool: retries must be >= 0, got {retries}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"RolloutPool: timeout_s must be > 0 or None, got {timeout_s}")
+        if max_staleness is not None and max_staleness < 0:
+            raise ValueError(f"RolloutPool: max_staleness must be >= 0 or None, got {max_staleness}")
+        if dynamic_sampling and params.n < 2:
+            raise ValueError("RolloutPool: dynamic_sampling drops groups with equal rewards, so it needs n >= 2 "
+                             f"(got n={params.n}: every group would be dropped)")
+        check_mode(score_mode)
+        self.backends = list(backends)
+        self.params = params
+        self.max_in_flight = max_in_flight
+        self.dynamic_sampling = dynamic_sampling
+        self.max_staleness = max_staleness
+        self.retries = retries
+        self.timeout_s = timeout_s
+        self.score_mode = score_mode
+        self.stats = PoolStats()
+        self._requests: Iterator[PromptRequest] = iter(requests)
+        self._exhausted = False
+        self._load = [0] * len(self.backends)
+        self._in_flight_versions: dict[asyncio.Task, int] = {}
+        self._consumer_version = 0
+        self._streaming = False
+        self._wakeup: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    # -- consumer side ------------------------------------------------------------------------------
+
+    @property
+    def consumer_version(self) -> int:
+        return self._consumer_version
+
+    def set_consumer_version(self, version: int) -> None:
+        """The learner's current policy version (callable from any thread); drives the staleness bound."""
+        with self._lock:
+            self._consumer_version = max(self._consumer_version, int(version))
+        if self._loop is not None and self._wakeup is not None:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    async def stream(self, limit: int | None = None) -> AsyncIterator[ScoredGroup | FailedPrompt]:
+        """Yield scored groups (at most `limit` of them) and failed prompts until done.
+
+        Ends when `limit` groups were yielded or the prompts ran out and everything in flight finished.
+        Stopping the iteration early cancels the groups still in flight (their prompts are not yielded).
+        """
+        if limit is not None and limit < 0:
+            raise ValueError(f"RolloutPool.stream: limit must be >= 0 or None, got {limit}")
+        if self._streaming:
+            raise RuntimeError("RolloutPool.stream: already streaming (one consumer per pool)")
+        self._streaming = True
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self.stats.started_at = time.perf_counter()
+        emitted = 0
+        tasks: set[asyncio.Task] = set()
+        try:
+            while limit is None or emitted < limit:
+                self._start_groups(tasks, None if limit is None else limit - emitted)
+                if not tasks:
+                    if self._exhausted:
+                        return
+                    # Only the staleness bound holds us: wait for a new consumer or backend version.
+                    self.stats.staleness_waits += 1
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), _STALENESS_POLL_S)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                waiter = asyncio.ensure_future(self._wakeup.wait())
+                done, _ = await asyncio.wait(tasks | {waiter}, return_when=asyncio.FIRST_COMPLETED,
+                                             timeout=_STALENESS_POLL_S if self._gated() else None)
+                waiter.cancel()
+                self._wakeup.clear()
+                for task in done - {waiter}:
+                    tasks.discard(task)
+                    self._in_flight_versions.pop(task, None)
+                    item = task.result()
+                    if isinstance(item, FailedPrompt):
+                        self.stats.failed += 1
+                        yield item
+                        continue
+                    if self.dynamic_sampling and bool(np.all(item.rewards == item.rewards[0])):
+                        self.stats.dropped_constant += 1
+                        continue
+                    self.stats.groups_emitted += 1
+                    emitted += 1
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            # A task cancelled before its first step never released its reserved slot.
+            self._load = [0] * len(self.backends)
+            self._in_flight_versions.clear()
+            self._streaming = False
+
+    # -- scheduling ---------------------------------------------------------------------------------
+
+    def _start_groups(self, tasks: set[asyncio.Task], wanted: int | None) -> None:
+        """Start prompts while a backend has a free slot, prompts remain, and the bounds allow."""
+        while not self._exhausted and (wanted is None or len(tasks) < wanted):
+            index = self._pick_backend(exclude=())
+            if index is None or not self._fresh_enough(self.backends[index].weight_version):
+                return
+            try:
+                request = next(self._requests)
+            except StopIteration:
+                self._exhausted = True
+                return
+            self.stats.prompts_started += 1
+            self._load[index] += 1  # reserved now: the task only starts running at the next await
+            task = asyncio.ensure_future(self._run_group(request, index))
+            self._in_flight_versions[task] = self.backends[index].weight_version
+            tasks.add(task)
+
+    def _pick_backend(self, exclude: Iterable[int]) -> int | None:
+        """Least-loaded backend with a free slot, preferring those not in `exclude` (they failed this prompt)."""
+        free = [i for i in range(len(self.backends)) if self._load[i] < self.max_in_flight]
+        if not free:
+            return None
+        excluded = set(exclude)
+        return min(free, key=lambda i: (i in excluded, self._load[i], i))
+
+    def _fresh_enough(self, new_version: int) -> bool:
+        if self.max_staleness is None:
+            return True
+        oldest = min([new_version, *self._in_flight_versions.values()])
+        return self._consumer_version - oldest <= self.max_staleness
+
+    def _gated(self) -> bool:
+        index = self._pick_backend(exclude=())
+        return index is not None and not self._exhausted and not self._fresh_enough(self.backends[index].weight_version)
+
+    async def _run_group(self, request: PromptRequest, index: int) -> ScoredGroup | FailedPrompt:
+        """Generate with retries, holding one backend slot per attempt, then score once.
+
+        The first attempt's slot on backend `index` was reserved by the caller.
+        """
+        if request.sample is None:
+            self._load[index] -= 1
+            return FailedPrompt(request, "no sample to score the answers against", attempts=0,
+                                errors=("PromptRequest.sample is None",))
+        errors: list[str] = []
+        failed_on: list[int] = []
+        for attempt in range(1, self.retries + 2):
+            if attempt > 1:
+                self.stats.retried_attempts += 1
+                index = self._pick_backend(exclude=failed_on)
+                # This prompt's own slot was just released, so a free backend exists.
+                assert index is not None
+                self._load[index] += 1
+            backend = self.backends[index]
+            try:
+                completions = await asyncio.wait_for(backend.generate(request, self.params), self.timeout_s)
+                if len(completions) != self.params.n:
+                    raise RuntimeError(f"returned {len(completions)} completions, expected n={self.params.n}")
+            except asyncio.TimeoutError:
+                errors.append(f"attempt {attempt} on backend {index} ({backend.name}): "
+                              f"timed out after {self.timeout_s} s")
+                failed_on.append(index)
+                continue
+            except Exception as exc:  # noqa: BLE001 - every backend failure is retried or reported
+                errors.append(f"attempt {attempt} on backend {index} ({backend.name}): {type(exc).__name__}: {exc}")
+                failed_on.append(index)
+                continue
+            finally:
+                self._load[index] -= 1
+            return self._score(request, completions, attempt)
+        return FailedPrompt(request, errors[-1], attempts=len(errors), errors=tuple(errors))
+
+    def _score(self, request: PromptRequest, completions: list[Completion], attempts: int) -> ScoredGroup:
+        from medvl_engine.rewards import score_samples
+
+        # One group is a handful of rows: threads=1 scores them on this thread without a pool hand-off.
+        result = score_samples([c.text for c in completions], [request.sample] * len(completions),
+                               mode=self.score_mode, threads=1)
+        self.stats.tokens_generated += sum(c.num_tokens for c in completions)
+        return ScoredGroup(
+            request=request, completions=completions, rewards=result.reward, correct=result.correct,
+            format_ok=result.format_ok, letters=list(result.letter),
+            weight_version=min(c.weight_version for c in completions), attempts=attempts,
+        )
+
+
+def to_message(group: ScoredGroup, producer: str, seq: int) -> RolloutGroup:
+    """The wire form of a scored group (token ids and log-probs as raw buffers)."""
+    request = group.request
+    if request.input_ids is None:
+        raise ValueError(f"to_message: prompt {request.prompt_id!r} has no input_ids; the learner needs the "
+                         "prompt's token ids (build PromptRequest with input_ids)")
+    sample = request.sample
+    return RolloutGroup.build(
+        producer=producer,
+        seq=seq,
+        prompt_id=request.prompt_id,
+        dataset_name=sample.dataset_name if sample is not None else "",
+        dataset_index=sample.dataset_index if sample is not None else -1,
+        weight_version=group.weight_version,
+        answer_label=sample.answer_label if sample is not None else "",
+        prompt_ids=request.input_ids,
+        response_ids=[c.token_ids for c in group.completions],
+        logprobs=[c.logprobs for c in group.completions],
+        texts=[c.text for c in group.completions],
+        finish_reasons=[c.finish_reason for c in group.completions],
+        rewards=group.rewards,
+        correct=group.correct,
+        format_ok=group.format_ok,
+        letters=group.letters,
+    )

@@ -1,0 +1,242 @@
+"""HFBackend end to end with tiny random models: a text LlamaForCausalLM and a Qwen2.5-VL with images.
+
+Log-probs are checked against an independent forward pass over prompt + answer:
+log_softmax(logits / temperature) at the answer's tokens (the definition in hf_backend's docstring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import byte_tokenizer, image_only_qwen2_5_vl_processor, qwen_tokenizer, tiny_llama, tiny_qwen2_5_vl
+
+from medvl_engine.rollout.backend import make_backend
+from medvl_engine.rollout.hf_backend import HFBackend
+from medvl_engine.rollout.types import PromptRequest, SamplingParams
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+@pytest.fixture(scope="module")
+def text_setup():
+    tokenizer = byte_tokenizer()
+    return tokenizer, tiny_llama(tokenizer)
+
+
+def chat_ids(tokenizer, content: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
+
+
+def forward_logprobs(model, prompt_ids, answer_ids, temperature: float, **extra) -> np.ndarray:
+    ids = torch.tensor([list(prompt_ids) + [int(t) for t in answer_ids]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, **extra).logits[0, len(prompt_ids) - 1 : -1].float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return logprobs.gather(1, torch.as_tensor(answer_ids, dtype=torch.long)[:, None])[:, 0].numpy()
+
+
+def greedy_answer(backend, request, max_new_tokens=8):
+    return run(backend.generate(request, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)))[0]
+
+
+def test_seeded_sampling_is_reproducible_and_logprobs_match_a_forward_pass(text_setup):
+    tokenizer, model = text_setup
+    backend = HFBackend(model, tokenizer, max_batch=16)
+    short = PromptRequest("short", input_ids=chat_ids(tokenizer, "What is 2+2?"))
+    long = PromptRequest("long", text="A much longer prompt, so the short one is left-padded in the batch.")
+    params = SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=40, max_new_tokens=12, seed=11)
+
+    async def scenario():
+        first = await backend.generate(short, params)
+        again = await backend.generate(short, params)
+        unseeded = SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=40, max_new_tokens=12)
+        batched = await asyncio.gather(backend.generate(short, unseeded), backend.generate(long, unseeded))
+        await backend.shutdown()
+        return first, again, batched
+
+    first, again, (short_batch, long_batch) = run(scenario())
+    assert len(first) == 4
+    for a, b in zip(first, again):
+        assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.logprobs, b.logprobs)
+    assert len({tuple(c.token_ids.tolist()) for c in first}) > 1  # n samples, not n copies
+    assert len(short_batch) == 3 and len(long_batch) == 3
+    long_ids = tokenizer(long.text, add_special_tokens=False).input_ids
+    for prompt_ids, completions in ((short.input_ids, first), (short.input_ids, short_batch), (long_ids, long_batch)):
+        for c in completions:
+            assert c.finish_reason == "length" and c.num_tokens == 12 and c.weight_version == 0
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            # fp32 on CPU: the cached decode and one full forward agree to ~5e-7; 1e-4 leaves room for kernels.
+            np.testing.assert_allclose(c.logprobs, forward_logprobs(model, prompt_ids, c.token_ids, 0.7), atol=1e-4)
+
+
+def test_greedy_answers_are_identical_argmax_with_raw_logprobs(text_setup):
+    tokenizer, model = text_setup
+    backend = HFBackend(model, tokenizer)
+    request = PromptRequest("g", input_ids=chat_ids(tokenizer, "Name a bone."))
+    completions = run(backend.generate(request, SamplingParams(n=3, temperature=0.0, max_new_tokens=6)))
+    assert len({tuple(c.token_ids.tolist()) for c in completions}) == 1
+    answer = completions[0]
+    ids = torch.tensor([request.input_ids + answer.token_ids.tolist()])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(request.input_ids) - 1 : -1]
+    assert logits.argmax(-1).tolist() == answer.token_ids.tolist()
+    np.testing.assert_allclose(answer.logprobs, forward_logprobs(model, request.input_ids, answer.token_ids, 1.0),
+                               atol=1e-4)
+
+
+def test_eos_and_stop_strings_end_answers(text_setup):
+    tokenizer, model = text_setup
+    request = PromptRequest("s", input_ids=chat_ids(tokenizer, "Say something."))
+    reference = greedy_answer(HFBackend(model, tokenizer), request)
+    assert reference.finish_reason == "length"
+
+    # Make the greedy answer's third token an end-of-sequence token: the answer stops there, EOS kept.
+    third = int(reference.token_ids[2])
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, third]
+    try:
+        with_eos = greedy_answer(HFBackend(model, tokenizer), request)
+    finally:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert with_eos.finish_reason == "stop" and with_eos.token_ids.tolist() == reference.token_ids[:3].tolist()
+    assert with_eos.logprobs.shape == (3,)
+
+    # A stop string taken from the greedy answer's text after its first token: the answer ends on the
+    # first token whose text completes the string, and the answer's text drops the string.
+    tokens = reference.token_ids.tolist()
+    full = tokenizer.decode(tokens)
+    start = len(tokenizer.decode(tokens[:1]))
+    stop = next(full[i : i + 2] for i in range(start, len(full) - 1) if full[i : i + 2].isprintable())
+    end = next(t for t in range(1, len(tokens) + 1) if stop in tokenizer.decode(tokens[:t]))
+    stopped = run(HFBackend(model, tokenizer).generate(
+        request, SamplingParams(n=2, temperature=0.0, max_new_tokens=8, stop=(stop,))))
+    for c in stopped:
+        assert c.finish_reason == "stop"
+        assert c.token_ids.tolist() == tokens[:end]
+        assert c.text == full[: full.index(stop)]
+
+
+def test_weight_updates_from_tensors_and_disk(text_setup, tmp_path):
+    tokenizer, _ = text_setup
+    model = tiny_llama(tokenizer, seed=1)
+    other = tiny_llama(tokenizer, seed=2)
+    backend = HFBackend(model, tokenizer)
+    request = PromptRequest("w", input_ids=chat_ids(tokenizer, "Which organ filters blood?"))
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    other.save_pretrained(tmp_path / "other")
+
+    async def scenario():
+        before = (await backend.generate(request, params))[0]
+        await backend.update_weights_from_tensors(other.state_dict().items(), version=3)
+        from_tensors = (await backend.generate(request, params))[0]
+        with pytest.raises(KeyError, match="no.such.weight"):
+            await backend.update_weights_from_tensors([("no.such.weight", torch.zeros(1))], version=9)
+        with pytest.raises(ValueError, match="shape"):
+            name, tensor = next(iter(original.items()))
+            await backend.update_weights_from_tensors([(name, torch.zeros(tensor.numel() + 1))], version=9)
+        assert backend.weight_version == 3
+        await backend.update_weights_from_tensors(original.items(), version=4)
+        restored = (await backend.generate(request, params))[0]
+        await backend.update_weights_from_disk(str(tmp_path / "other"), version=5)
+        from_disk = (await backend.generate(request, params))[0]
+        return before, from_tensors, restored, from_disk
+
+    before, from_tensors, restored, from_disk = run(scenario())
+    expected_other = greedy_answer(HFBackend(other, tokenizer), request)
+    assert not np.array_equal(before.token_ids, expected_other.token_ids)
+    assert np.array_equal(from_tensors.token_ids, expected_other.token_ids) and from_tensors.weight_version == 3
+    assert np.array_equal(restored.token_ids, before.token_ids) and restored.weight_version == 4
+    assert np.array_equal(from_disk.token_ids, expected_other.token_ids) and from_disk.weight_version == 5
+
+
+def test_pause_holds_requests_until_resume(text_setup):
+    tokenizer, model = text_setup
+    backend = HFBackend(model, tokenizer)
+    request = PromptRequest("p", input_ids=chat_ids(tokenizer, "Hold on."))
+
+    async def scenario():
+        await backend.pause()
+        task = asyncio.create_task(backend.generate(request, SamplingParams(n=2, max_new_tokens=4, seed=0)))
+        await asyncio.sleep(0.2)
+        held = not task.done()
+        await backend.resume()
+        completions = await task
+        healthy = await backend.health()
+        await backend.shutdown()
+        return held, completions, healthy, await backend.health()
+
+    held, completions, healthy, after_shutdown = run(scenario())
+    assert held and len(completions) == 2 and healthy and not after_shutdown
+
+
+def test_images_need_a_processor(text_setup):
+    tokenizer, model = text_setup
+    request = PromptRequest("i", text="look", images=[Image.new("RGB", (32, 32))])
+    with pytest.raises(ValueError, match="image"):
+        run(HFBackend(model, tokenizer).generate(request, SamplingParams()))
+
+
+def test_make_backend_loads_a_saved_folder(text_setup, tmp_path):
+    tokenizer, model = text_setup
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    backend = make_backend("hf", str(tmp_path), max_batch=4)
+    request = PromptRequest("m", input_ids=chat_ids(tokenizer, "Loaded?"))
+    assert np.array_equal(greedy_answer(backend, request).token_ids,
+                          greedy_answer(HFBackend(model, tokenizer), request).token_ids)
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_backend("nope", str(tmp_path))
+
+
+def _image(seed: int, size: tuple[int, int]) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_qwen2_5_vl_with_images_samples_reproducibly_with_matching_logprobs():
+    tokenizer = qwen_tokenizer()
+    processor = image_only_qwen2_5_vl_processor(tokenizer)
+    model = tiny_qwen2_5_vl(tokenizer)
+    backend = HFBackend(model, processor, max_batch=8)
+    prompts = []
+    for i, size in enumerate([(90, 60), (40, 40)]):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Finding {i}?"}]}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompts.append(PromptRequest(f"vl{i}", text=text, images=[_image(i, size)]))
+    seeded = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=5)
+    unseeded = SamplingParams(n=2, temperature=1.0, max_new_tokens=6)
+
+    async def scenario():
+        first = await backend.generate(prompts[0], seeded)
+        again = await backend.generate(prompts[0], seeded)
+        batched = await asyncio.gather(*(backend.generate(p, unseeded) for p in prompts))
+        return first, again, batched
+
+    first, again, batched = run(scenario())
+    for a, b in zip(first, again):
+        assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.logprobs, b.logprobs)
+    for request, completions in zip([prompts[0], *prompts], [first, *batched]):
+        inputs = processor(text=[request.text], images=[request.images], return_tensors="pt")
+        prompt_ids = inputs["input_ids"][0].tolist()
+        assert prompt_ids.count(model.config.image_token_id) > 1  # the processor expanded the placeholder
+        for c in completions:
+            assert c.num_tokens >= 1
+            expected = forward_logprobs(model, prompt_ids, c.token_ids, 1.0, pixel_values=inputs["pixel_values"],
+                                        image_grid_thw=inputs["image_grid_thw"],
+                                        mm_token_type_ids=_mm_types(inputs, c.token_ids))
+            np.testing.assert_allclose(c.logprobs, expected, atol=1e-4)
+
+
+def _mm_types(inputs, answer_ids) -> torch.Tensor | None:
+    """The processor's image-token mask extended over the answer (answers are text)."""
+    types = inputs.get("mm_token_type_ids")
+    if types is None:
+        return None
+    return torch.cat([types, torch.zeros((1, len(answer_ids)), dtype=types.dtype)], dim=1)
