@@ -1,0 +1,90 @@
+"""Run configs: flags derived from the fields, YAML/TOML files, overrides, checks, DeepSpeed's JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from medvl_engine import config as config_lib
+from medvl_engine.trainers.config import GRPOConfig, OptimConfig, SFTConfig, deepspeed_config
+
+
+def parse(cls, argv):
+    parser = argparse.ArgumentParser()
+    config_lib.add_arguments(parser, cls)
+    parser.add_argument("--resume", action="store_true")
+    return config_lib.from_args(cls, parser.parse_args(argv))
+
+
+def test_defaults_are_medvlthinkers_recipe():
+    grpo = GRPOConfig()
+    assert (grpo.rollout.n, grpo.rollout.temperature, grpo.rollout.top_p) == (8, 1.0, 1.0)
+    assert (grpo.optim.lr, grpo.optim.schedule, grpo.optim.weight_decay, grpo.optim.grad_clip) == (
+        1e-6, "constant", 0.01, 1.0)
+    assert (grpo.algo.kl_coef, grpo.algo.kl_type, grpo.algo.entropy_coef) == (0.01, "low_var_kl", 0.0)
+    assert (grpo.algo.clip_low, grpo.algo.clip_high, grpo.algo.loss_agg) == (0.2, 0.2, "token-mean")
+    assert (grpo.algo.prompts_per_step, grpo.algo.mini_batches) == (256, 2)
+    assert (grpo.rollout.max_prompt_tokens, grpo.rollout.max_response_tokens, grpo.model.dtype) == (2048, 4096, "bf16")
+    sft = SFTConfig()
+    assert (sft.optim.lr, sft.optim.schedule, sft.optim.warmup_ratio, sft.epochs, sft.global_batch_size) == (
+        1e-5, "cosine", 0.05, 5, 16)
+    assert (sft.optim.weight_decay, sft.optim.betas) == (1e-4, (0.9, 0.95))
+
+
+def test_every_field_is_a_flag_and_flags_override_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 2e-6\nalgo:\n  clip_high: 0.28\n  advantage: drgrpo\nsteps: 7\n")
+    cfg = parse(GRPOConfig, ["--config", str(path), "--optim.lr", "3e-6", "--rollout.n", "4",
+                             "--no-model.gradient-checkpointing", "--optim.betas", "0.8", "0.9", "--resume"])
+    assert cfg.optim.lr == 3e-6  # the flag wins over the file
+    assert (cfg.algo.clip_high, cfg.algo.advantage, cfg.steps) == (0.28, "drgrpo", 7)  # from the file
+    assert cfg.rollout.n == 4 and cfg.model.gradient_checkpointing is False and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.algo.kl_coef == 0.01  # untouched default
+
+
+def test_a_partial_section_keeps_the_run_configs_own_defaults():
+    sft = config_lib.build(SFTConfig, {"optim": {"lr": 2e-5}})
+    assert (sft.optim.lr, sft.optim.schedule, sft.optim.betas) == (2e-5, "cosine", (0.9, 0.95))
+
+
+def test_toml_and_round_trip(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('steps = 3\n[algo]\nkl_type = "k2"\ndynamic_sampling = true\n')
+    cfg = config_lib.load(GRPOConfig, path)
+    assert cfg.algo.kl_type == "k2" and cfg.algo.dynamic_sampling and cfg.steps == 3
+    saved = config_lib.save(cfg, tmp_path / "out.yaml")
+    assert config_lib.load(GRPOConfig, saved) == cfg
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"optim": {"lr": -1.0}}, "optim.lr"),
+    ({"algo": {"kl_type": "k9"}}, "config.algo.kl_type"),
+    ({"algo": {"prompts_per_step": 6, "mini_batches": 4}}, "divisible"),
+    ({"rollout": {"n": "eight"}}, "config.rollout.n"),
+    ({"model": {"colour": 1}}, "unknown key"),
+])
+def test_bad_values_name_their_place(data, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.build(GRPOConfig, data)
+
+
+def test_unknown_choice_on_the_command_line_is_refused():
+    with pytest.raises(SystemExit):
+        parse(GRPOConfig, ["--algo.advantage", "ppo"])
+
+
+def test_deepspeed_config_from_components():
+    cfg = GRPOConfig()
+    cfg.deepspeed.zero_stage, cfg.deepspeed.micro_batch_size = 3, 4
+    ds = deepspeed_config(cfg.optim, cfg.deepspeed, "bf16", train_batch_size=128 * 8, world_size=8, total_steps=10)
+    assert ds["gradient_accumulation_steps"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["optimizer"]["params"]["lr"] == 1e-6 and ds["gradient_clipping"] == 1.0
+    assert "scheduler" not in ds  # constant lr, no warmup: DeepSpeed's WarmupLR would start at 0
+    cosine = deepspeed_config(OptimConfig(schedule="cosine", warmup_ratio=0.1), cfg.deepspeed, "fp32",
+                              train_batch_size=16, world_size=2, total_steps=50)
+    assert cosine["scheduler"]["type"] == "WarmupCosineLR"
+    assert cosine["scheduler"]["params"]["warmup_num_steps"] == 5
+    with pytest.raises(ValueError, match="not a multiple"):
+        deepspeed_config(cfg.optim, cfg.deepspeed, "bf16", train_batch_size=10, world_size=8, total_steps=1)

@@ -1,0 +1,67 @@
+"""SFT: the label mask on a real chat-templated example, and training that lowers the loss."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import qwen_tokenizer  # noqa: E402
+
+from medvl_engine.data import load_bundled
+from medvl_engine.prompts import build_messages, sft_target
+from medvl_engine.trainers.learner import pad_sequences
+from medvl_engine.trainers.sft import encode_example, end_of_turn
+
+
+def test_only_the_answer_carries_loss_on_a_qwen_chat_template():
+    tokenizer = qwen_tokenizer()
+    sample = load_bundled()[0]  # one image, MedVLThinker prompt, a reasoning trace
+    example = encode_example(tokenizer, sample, max_tokens=4096)
+    micro = pad_sequences([example.ids, example.ids[:-3]], [example.loss_start, example.loss_start],
+                          tokenizer.pad_token_id)
+
+    # The whole example is exactly the chat template of the conversation with the answer.
+    messages = build_messages(sample) + [{"role": "assistant", "content": sft_target(sample)}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(example.ids) == full.rstrip("\n")
+    # Loss falls on the assistant's answer and its end-of-turn token, nothing else.
+    target_ids = micro.targets[0][micro.mask[0]].tolist()
+    assert tokenizer.decode(target_ids) == sft_target(sample) + "<|im_end|>"
+    assert end_of_turn(tokenizer) == "<|im_end|>"
+    prompt_ids = micro.input_ids[0][: example.loss_start].tolist()
+    assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
+    assert "<|image_pad|>" in tokenizer.decode(prompt_ids)
+    # The mask is shifted: position t predicts token t + 1; padding never carries loss.
+    assert micro.mask[0].sum() == len(example.ids) - example.loss_start
+    assert micro.mask[1].sum() == len(example.ids) - 3 - example.loss_start
+    assert not micro.mask[1, len(example.ids) - 4 :].any()
+
+
+def test_an_example_longer_than_the_limit_is_an_error_not_a_truncation():
+    tokenizer = qwen_tokenizer()
+    with pytest.raises(ValueError, match="max_tokens 16"):
+        encode_example(tokenizer, load_bundled()[0], max_tokens=16)
+
+
+@pytest.mark.slow
+def test_sft_lowers_the_loss_on_the_bundled_data(tiny_chat_model, tmp_path):
+    from medvl_engine import config as config_lib
+    from medvl_engine.trainers import sft
+    from medvl_engine.trainers.config import SFTConfig
+
+    cfg = config_lib.build(SFTConfig, {
+        "model": {"path": str(tiny_chat_model), "dtype": "fp32", "gradient_checkpointing": False},
+        "optim": {"lr": 3e-2},
+        "data": {"text_only": True},
+        "deepspeed": {"micro_batch_size": 1},
+        "logging": {"run_dir": str(tmp_path / "run")},
+        "checkpoint": {"export": True},
+        "epochs": 5, "global_batch_size": 2,
+    })
+    history = sft.run(cfg)
+    losses = [row["loss"] for row in history]
+    assert len(losses) == 15  # 6 text-only questions / 2 per step x 5 epochs
+    # The last three steps average well below the first three (measured: 6.25 -> 4.76 nats per token).
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export")
+    assert exported.config.vocab_size == len(AutoTokenizer.from_pretrained(tmp_path / "run" / "export"))

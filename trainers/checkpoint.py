@@ -1,0 +1,110 @@
+"""DeepSpeed checkpoints that resume exactly, and the export to a Hugging Face folder.
+
+A checkpoint is DeepSpeed's own folder (`run_dir/checkpoints/step_000012/`: module, optimizer and
+scheduler states, per rank) plus a client state holding what the run needs to continue as if it
+had never stopped: the step, the data position, the weight version, the run config and the RNG
+states of python, numpy and torch (CPU and every CUDA device) of each rank.
+
+    save_checkpoint(learner, run_dir, step, {"data_position": 96, "weight_version": 12, ...})
+    state = load_checkpoint(learner, run_dir)      # the latest, or None when there is none
+    export_hf(learner, run_dir / "export")          # config + tokenizer + safetensors
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_TAG_PREFIX = "step_"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tags(run_dir: str | Path) -> list[str]:
+    """Complete checkpoints, oldest first (DeepSpeed writes `latest` last, so a crash mid-save is skipped)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(_TAG_PREFIX)
+             and (p / "client_state.pt").is_file()]
+    return sorted(found)
+
+
+def save_checkpoint(learner, run_dir: str | Path, step: int, client_state: dict[str, Any], *, keep: int = 2) -> Path:
+    """Save the engine and `client_state` (plus this rank's RNG states) as tag `step_{step:06d}`."""
+    import torch.distributed as dist
+
+    tag = f"{_TAG_PREFIX}{step:06d}"
+    root = checkpoint_dir(run_dir)
+    state = dict(client_state, step=step)
+    learner.engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    # RNG states differ per rank, DeepSpeed's client state is written by rank 0 only: one file per rank.
+    torch.save(rng_state(), root / tag / f"rng_rank{learner.rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if learner.rank == 0:
+        torch.save(state, root / tag / "client_state.pt")  # written last: marks the checkpoint complete
+        for old in tags(run_dir)[:-keep]:
+            shutil.rmtree(root / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return root / tag
+
+
+def load_checkpoint(learner, run_dir: str | Path, tag: str | None = None) -> dict[str, Any] | None:
+    """Restore the latest (or the named) checkpoint into `learner`; returns its client state, or None."""
+    available = tags(run_dir)
+    if tag is None:
+        if not available:
+            return None
+        tag = available[-1]
+    elif tag not in available:
+        raise FileNotFoundError(f"checkpoint {tag!r} not found under {checkpoint_dir(run_dir)} (have {available})")
+    root = checkpoint_dir(run_dir)
+    path, _ = learner.engine.load_checkpoint(str(root), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+    state = torch.load(root / tag / "client_state.pt", weights_only=False)
+    rng_file = root / tag / f"rng_rank{learner.rank}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{rng_file} is missing: the checkpoint was written with fewer ranks")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def export_hf(learner, folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write a Hugging Face folder (config, tokenizer, safetensors) that transformers and the backends load.
+
+    Collective under ZeRO-3 (every rank gathers); only rank 0 writes.
+    """
+    folder = Path(folder)
+    state = learner.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if learner.rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        learner.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        learner.tokenizer.save_pretrained(folder)
+    return folder

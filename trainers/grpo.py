@@ -1,0 +1,352 @@
+"""`medvl-engine grpo`: GRPO with DeepSpeed on the rollout stream, weights pushed back after every step.
+
+One step (`GRPOTrainer.step`):
+
+    groups = source.next(prompts_per_step)            receive scored groups (transport or in-process)
+    batch = RolloutBatch.from_groups(groups)          collate: prompt + answer sequences, answer masks
+    advantages = group_advantages(rewards, groups)    GRPO / Dr. GRPO / RLOO, per answer
+    old / reference log-probs                         recomputed before any update (or the engine's)
+    for each mini-batch: forward, token_logprobs, policy_loss, backward, optimizer step
+    version += 1; sync.push(learner, version)         new weights reach the rollout backends
+    metrics                                           reward, accuracy, format rate, KL, tokens/s
+
+    medvl-engine grpo --model.path smollm2 --steps 4 --algo.prompts-per-step 4 --rollout.n 4
+    torchrun --nproc_per_node 2 -m medvl_engine.cli grpo --config grpo.yaml --rollout.endpoint tcp://0.0.0.0:5555
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medvl_engine import config as config_lib
+from medvl_engine.trainers.config import GRPOConfig
+from medvl_engine.trainers.learner import MicroBatch
+from medvl_engine.trainers.rollout_batch import RolloutBatch
+
+TABLE_COLUMNS = ("step", "version", "reward", "accuracy", "format", "kl", "clip_frac", "response_len",
+                 "tokens_per_s", "seconds")
+
+
+@dataclass
+class PolicyMicroBatch:
+    """One forward pass of the update, with everything its loss needs."""
+
+    micro: MicroBatch
+    advantages: torch.Tensor  # [B] per answer
+    weight: float  # this micro-batch's share of its mini-batch's loss, times accumulation steps x ranks
+    engine_logp: torch.Tensor | None = None
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPOConfig, learner, source, sync, *, version: int = 0, step: int = 0):
+        self.cfg = cfg
+        self.learner = learner
+        self.source = source
+        self.sync = sync
+        self.version = version
+        self.step_index = step
+
+    # -- the step -------------------------------------------------------------------------------------
+
+    def step(self) -> dict:
+        from medvl_engine.kernels import group_advantages
+
+        algo = self.cfg.algo
+        start = time.perf_counter()
+        groups = self.source.next(algo.prompts_per_step, self.version)
+        received = time.perf_counter()
+        batch = RolloutBatch.from_groups(groups, max_prompt_tokens=self.cfg.rollout.max_prompt_tokens,
+                                         max_response_tokens=self.cfg.rollout.max_response_tokens)
+        advantages, constant = group_advantages(batch.rewards, batch.group_index, mode=algo.advantage,
+                                                eps=algo.epsilon)
+        minis = [self.micro_batches(batch, advantages, idx) for idx in batch.mini_batches(algo.mini_batches)]
+        self.fill_logprobs(minis)
+        stats = [self.train_mini_batch(mini) for mini in minis]
+        trained = time.perf_counter()
+        self.version += 1
+        self.step_index += 1
+        sync = self.sync.push(self.learner, self.version)
+        return self.metrics(batch, constant, stats, sync, start=start, received=received, trained=trained)
+
+    def micro_batches(self, batch: RolloutBatch, advantages: torch.Tensor, indices: np.ndarray) -> list:
+        """This rank's share of one mini-batch, in micro-batches, each weighted by its share of the loss."""
+        learner = self.learner
+        mine = batch.shard(indices, learner.rank, learner.world_size)
+        size = self.cfg.deepspeed.micro_batch_size
+        lengths = batch.response_lengths
+        per_token = self.cfg.algo.loss_agg == "token-mean"
+        total = float(lengths[indices].sum()) if per_token else float(len(indices))
+        out = []
+        for i in range(0, len(mine), size):
+            idx = mine[i : i + size]
+            micro = batch.micro_batch(idx, learner.tokenizer.pad_token_id)
+            units = float(lengths[idx].sum()) if per_token else float(len(idx))
+            # engine.backward divides by the accumulation steps, ranks average their gradients: this
+            # weight makes the update the loss over the whole mini-batch, however it is split.
+            weight = units / total * learner.gradient_accumulation_steps * learner.world_size
+            out.append(PolicyMicroBatch(micro.to(learner.device), advantages[idx].to(learner.device), weight,
+                                        engine_logp=batch.engine_logprob_tensor(idx, micro)))
+        if len(out) != learner.gradient_accumulation_steps:
+            raise ValueError(f"{len(out)} micro-batches per rank but DeepSpeed accumulates "
+                             f"{learner.gradient_accumulation_steps}")
+        return out
+
+    @torch.no_grad()
+    def fill_logprobs(self, minis: list[list[PolicyMicroBatch]]) -> None:
+        """Old log-probs with the weights before any update of this step, reference log-probs for the KL."""
+        algo = self.cfg.algo
+        temperature = self.cfg.rollout.temperature
+        for mini in minis:
+            for pm in mini:
+                if algo.old_logp == "engine":
+                    if pm.engine_logp is None:
+                        raise ValueError("algo.old_logp=engine but the rollout groups carry no engine log-probs")
+                    pm.old_logp = pm.engine_logp.to(self.learner.device)
+                else:
+                    pm.old_logp = self.learner.response_logprobs(pm.micro, temperature=temperature)
+                if algo.kl_coef > 0:
+                    pm.ref_logp = self.learner.response_logprobs(pm.micro, temperature=temperature, reference=True)
+
+    def train_mini_batch(self, mini: list[PolicyMicroBatch]) -> dict:
+        from medvl_engine.kernels import policy_loss
+
+        algo = self.cfg.algo
+        learner = self.learner
+        sums = {"kl": 0.0, "approx_kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "ratio_dev": 0.0,
+                "logp_mismatch": 0.0, "mismatch_tokens": 0.0, "tokens": 0.0, "loss": 0.0}
+        for pm in mini:
+            mask = pm.micro.mask
+            out = learner.response_logprobs(pm.micro, temperature=self.cfg.rollout.temperature,
+                                            return_entropy=algo.entropy_coef > 0)
+            logp, entropy = out if isinstance(out, tuple) else (out, None)
+            advantages = pm.advantages
+            if algo.tis_cap and pm.engine_logp is not None:
+                # Truncated importance sampling: answers were sampled by the engine, not by the
+                # learner's old policy; weight each token by min(pi_old / pi_engine, cap).
+                engine = pm.engine_logp.to(logp.device)
+                tis = torch.exp(pm.old_logp - engine).clamp(max=algo.tis_cap) * mask
+                advantages = advantages[:, None] * tis
+            loss, metrics = policy_loss(logp, pm.old_logp, advantages, mask, ref_logp=pm.ref_logp,
+                                        clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef=algo.kl_coef,
+                                        kl_type=algo.kl_type, agg=algo.loss_agg)
+            if algo.loss_agg == "seq-mean-token-sum-norm":
+                # The kernel divides by the padded width (prompt included); Dr. GRPO divides by a
+                # constant, the configured maximum answer length.
+                loss = loss * (logp.shape[-1] / self.cfg.rollout.max_response_tokens)
+            if entropy is not None:
+                loss = loss - algo.entropy_coef * (entropy * mask).sum() / mask.sum().clamp_min(1)
+            learner.backward(loss * pm.weight)
+            learner.step()
+            tokens = float(mask.sum())
+            sums["tokens"] += tokens
+            sums["loss"] += float(loss.detach()) * pm.weight / learner.gradient_accumulation_steps
+            for key in ("kl", "approx_kl", "clip_frac"):
+                if key in metrics:
+                    sums[key] += float(metrics[key]) * tokens
+            if entropy is not None:
+                sums["entropy"] += float((entropy * mask).sum())
+            with torch.no_grad():
+                ratio = torch.exp(logp.detach() - pm.old_logp)
+                sums["ratio_dev"] = max(sums["ratio_dev"], float(((ratio - 1).abs() * mask).max()))
+                if pm.engine_logp is not None:
+                    # Trainer/engine mismatch of the sampled tokens' log-probs (slime's step-0 check).
+                    diff = (pm.old_logp - pm.engine_logp.to(logp.device)).abs() * mask
+                    sums["logp_mismatch"] += float(diff.sum())
+                    sums["mismatch_tokens"] += tokens
+                    sums["logp_mismatch_max"] = max(sums.get("logp_mismatch_max", 0.0), float(diff.max()))
+        sums["grad_norm"] = learner.grad_norm()
+        return sums
+
+    # -- metrics --------------------------------------------------------------------------------------
+
+    def metrics(self, batch: RolloutBatch, constant: torch.Tensor, stats: list[dict], sync: dict, *,
+                start: float, received: float, trained: float) -> dict:
+        keys = ("kl", "approx_kl", "clip_frac", "entropy", "logp_mismatch", "mismatch_tokens", "tokens", "loss")
+        totals = torch.tensor([[s[k] for k in keys] for s in stats], dtype=torch.float64).sum(0)
+        maxima = torch.tensor([stats[0]["ratio_dev"], max(s.get("logp_mismatch_max", 0.0) for s in stats)],
+                              dtype=torch.float64)
+        if self.learner.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        t = dict(zip(keys, totals.tolist()))
+        tokens = max(t["tokens"], 1.0)
+        response_tokens = int(batch.response_lengths.sum())
+        seconds = time.perf_counter() - start
+        return {
+            "step": self.step_index,
+            "version": self.version,
+            "reward": float(batch.rewards.mean()),
+            "accuracy": float(batch.correct.float().mean()),
+            "format": float(batch.format_ok.float().mean()),
+            "constant_groups": float(constant.float().mean()),
+            "kl": t["kl"] / tokens,
+            "approx_kl": t["approx_kl"] / tokens,
+            "clip_frac": t["clip_frac"] / tokens,
+            "entropy": t["entropy"] / tokens,
+            "loss": t["loss"] / len(stats),
+            # Step-0 consistency: before any update the PPO ratio of the first mini-batch is exactly 1.
+            "first_ratio_max_dev": float(maxima[0]),
+            "logp_mismatch": t["logp_mismatch"] / t["mismatch_tokens"] if t["mismatch_tokens"] else float("nan"),
+            "logp_mismatch_max": float(maxima[1]) if t["mismatch_tokens"] else float("nan"),
+            "grad_norm": stats[-1]["grad_norm"],
+            "lr": self.learner.lr(),
+            "staleness": float((self.version - 1 - batch.weight_versions).float().mean()),
+            "groups": batch.num_groups,
+            "response_len": float(batch.response_lengths.float().mean()),
+            "response_tokens": response_tokens,
+            "tokens_per_s": response_tokens / max(seconds, 1e-9),  # end to end: sampling overlaps training
+            "rollout_wait_s": received - start,
+            "train_s": trained - received,
+            "sync_s": sync.get("sync_seconds", 0.0),
+            "seconds": seconds,
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def client_state(self) -> dict:
+        return {"weight_version": self.version, "source": self.source.state(),
+                "config": config_lib.to_dict(self.cfg)}
+
+
+def print_row(row: dict, header: bool) -> None:
+    from medvl_engine.benchmarking import format_table
+
+    lines = format_table([row], TABLE_COLUMNS).splitlines()
+    print("\n".join(lines if header else lines[2:]), flush=True)
+
+
+def build_local_source(cfg: GRPOConfig, learner):
+    """An hf backend in this process answering the configured data (the colocated CPU run and tests)."""
+    from medvl_engine.models import resolve_model_path
+    from medvl_engine.rollout.hf_backend import HFBackend
+    from medvl_engine.trainers.data import load_dataset
+    from medvl_engine.trainers.sources import LocalSource
+
+    backend = HFBackend.from_pretrained(resolve_model_path(cfg.model.path), dtype="float32",
+                                        device=str(learner.device))
+    r = cfg.rollout
+    return LocalSource(backend, learner.tokenizer, load_dataset(cfg.data), n=r.n, temperature=r.temperature,
+                       top_p=r.top_p, max_new_tokens=r.max_response_tokens, seed=r.seed,
+                       dynamic_sampling=cfg.algo.dynamic_sampling)
+
+
+def run(cfg: GRPOConfig, *, resume: bool = False, source=None, sync=None, on_step=None) -> list[dict]:
+    """Train `cfg.steps` steps (from the last checkpoint with `resume`); returns the per-step metrics.
+
+    `source` and `sync` default to the configured ones: the transport stream with disk sync when
+    `rollout.endpoint` is set, otherwise an in-process hf backend updated in memory.
+    """
+    from medvl_engine.trainers import checkpoint
+    from medvl_engine.trainers.learner import Learner
+    from medvl_engine.trainers.metrics import MetricsLog
+    from medvl_engine.trainers.weight_sync import MemorySync, make_sync
+
+    torch.manual_seed(cfg.seed)
+    algo = cfg.algo
+    groups_per_mini = algo.prompts_per_step // algo.mini_batches
+    learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=groups_per_mini * cfg.rollout.n,
+                            total_steps=cfg.steps * algo.mini_batches, reference=algo.kl_coef > 0)
+    run_dir = Path(cfg.logging.run_dir)
+    state = checkpoint.load_checkpoint(learner, run_dir) if resume else None
+    if source is None:
+        source = build_stream_source(cfg, learner, state) if cfg.rollout.endpoint else build_local_source(cfg, learner)
+    if state and hasattr(source, "restore"):
+        source.restore(state["source"])
+    if sync is None:
+        if cfg.rollout.endpoint:
+            sync = make_sync(cfg.rollout.weight_sync, run_dir=run_dir, announce=source.announce,
+                             bucket_mb=cfg.rollout.sync_bucket_mb)
+        else:
+            sync = MemorySync([source.backend], bucket_bytes=cfg.rollout.sync_bucket_mb << 20, run=source.run)
+    trainer = GRPOTrainer(cfg, learner, source, sync, version=state["weight_version"] if state else 0,
+                          step=state["step"] if state else 0)
+    if state:
+        sync.push(learner, trainer.version)  # the samplers start from the restored weights
+    if learner.rank == 0:
+        config_lib.save(cfg, run_dir / "config.yaml")
+    history = []
+    try:
+        with MetricsLog(run_dir, learner.rank, append=resume) as log:
+            while trainer.step_index < cfg.steps:
+                row = trainer.step()
+                history.append(row)
+                log.write(row)
+                if learner.rank == 0 and (row["step"] - 1) % cfg.logging.log_every == 0:
+                    print_row(row, header=len(history) == 1)
+                if on_step:
+                    on_step(trainer, row)
+                if cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0:
+                    checkpoint.save_checkpoint(learner, run_dir, trainer.step_index, trainer.client_state(),
+                                               keep=cfg.checkpoint.keep)
+        if cfg.checkpoint.export:
+            checkpoint.export_hf(learner, run_dir / "export")
+    finally:
+        source.close()
+    return history
+
+
+def build_stream_source(cfg: GRPOConfig, learner, state: dict | None):
+    """Rank 0 listens on `rollout.endpoint` for the workers' groups (resuming their positions) and
+    starts `rollout.workers` worker processes on this node; others may connect from anywhere."""
+    from medvl_engine.trainers.sources import StreamSource
+
+    receiver, workers = None, []
+    if learner.rank == 0:
+        from medvl_engine.rollout.launcher import WorkerProcess
+        from medvl_engine.transport.channel import GroupReceiver
+
+        credits = cfg.rollout.credits or cfg.algo.prompts_per_step
+        start_seqs = state["source"]["positions"] if state else None
+        receiver = GroupReceiver(cfg.rollout.endpoint, credits=credits, start_seqs=start_seqs)
+        endpoint = receiver.endpoint.replace("0.0.0.0", "127.0.0.1")
+        Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
+        for i in range(cfg.rollout.workers):
+            workers.append(WorkerProcess(worker_arguments(cfg, endpoint, f"rollout-{i}"),
+                                         log_path=Path(cfg.logging.run_dir) / f"rollout-{i}.log",
+                                         name=f"rollout-{i}"))
+            workers[-1].start()
+    return StreamSource(receiver, rank=learner.rank, max_staleness=cfg.rollout.max_staleness,
+                        dynamic_sampling=cfg.algo.dynamic_sampling, workers=workers)
+
+
+def worker_arguments(cfg: GRPOConfig, endpoint: str, producer_id: str) -> list[str]:
+    """`medvl-engine rollout-worker` flags for this run (the same for a worker started by hand)."""
+    from medvl_engine.models import resolve_model_path
+
+    r, data = cfg.rollout, cfg.data
+    args = ["--backend", r.backend, "--model", resolve_model_path(cfg.model.path), "--dataset", data.source,
+            "--split", data.split, "--connect", endpoint, "--producer-id", producer_id, "--n", str(r.n),
+            "--temperature", str(r.temperature), "--top-p", str(r.top_p),
+            "--max-new-tokens", str(r.max_response_tokens), "--max-staleness", str(r.max_staleness),
+            # Groups in flight on the backend: one step's worth (more only samples further off-policy).
+            "--max-in-flight", str(r.credits or cfg.algo.prompts_per_step)]
+    if data.shuffle:
+        args += ["--shuffle-seed", str(data.seed)]
+    if data.text_only:
+        args.append("--text-only")
+    return args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config_lib.add_arguments(parser, GRPOConfig)
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+
+
+def main(args: argparse.Namespace) -> int:
+    from medvl_engine.trainers.distributed import shutdown
+
+    cfg = config_lib.from_args(GRPOConfig, args)
+    history = run(cfg, resume=args.resume)
+    shutdown()  # after an error the other ranks are stopped by the launcher; a barrier would hang them
+    return 0 if history and all(math.isfinite(r["loss"]) for r in history) else 1

@@ -1,0 +1,196 @@
+"""The learner: a DeepSpeed engine around the policy, the frozen reference policy, log-probs of answers.
+
+Both SFT and GRPO train through it:
+
+    learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=16, total_steps=100)
+    logp = learner.response_logprobs(micro)    # [B, L-1] log-probs of each next token
+    learner.backward(loss); learner.step()
+
+Checkpoints, the Hugging Face export and the weight push read the parameters through
+`full_parameters()`, which under ZeRO-3 gathers them a bucket at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from medvl_engine.trainers.config import DeepSpeedConfig, ModelConfig, OptimConfig, deepspeed_config
+from medvl_engine.trainers.distributed import device, init_distributed
+from medvl_engine.trainers.model import DTYPES, load_policy, load_tokenizer
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded sequences (prompt + answer) of one forward pass.
+
+    `targets[:, t]` is the token at position t + 1 and `mask[:, t]` says whether it carries loss,
+    so the logits at position t line up with `targets[:, t]`.
+    """
+
+    input_ids: torch.Tensor  # [B, L] int64
+    attention_mask: torch.Tensor  # [B, L] int64
+    targets: torch.Tensor  # [B, L-1] int64
+    mask: torch.Tensor  # [B, L-1] bool
+
+    def __post_init__(self):
+        b, length = self.input_ids.shape
+        if self.attention_mask.shape != (b, length):
+            raise ValueError(f"MicroBatch: attention_mask {tuple(self.attention_mask.shape)} "
+                             f"!= input_ids {(b, length)}")
+        for name in ("targets", "mask"):
+            if getattr(self, name).shape != (b, length - 1):
+                raise ValueError(f"MicroBatch: {name} {tuple(getattr(self, name).shape)} != {(b, length - 1)}")
+
+    def to(self, dev) -> MicroBatch:
+        return MicroBatch(*(t.to(dev) for t in (self.input_ids, self.attention_mask, self.targets, self.mask)))
+
+
+def pad_sequences(sequences: list[list[int]], loss_starts: list[int], pad_id: int) -> MicroBatch:
+    """Right-pad token lists; tokens from `loss_starts[i]` on (to the end of sequence i) carry loss."""
+    if len(sequences) != len(loss_starts) or not sequences:
+        raise ValueError(f"pad_sequences: {len(sequences)} sequences and {len(loss_starts)} loss starts")
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), length), dtype=torch.long)
+    mask = torch.zeros((len(sequences), length - 1), dtype=torch.bool)
+    for i, (seq, start) in enumerate(zip(sequences, loss_starts)):
+        if not 1 <= start <= len(seq):
+            raise ValueError(f"pad_sequences: sequence {i} of {len(seq)} tokens has loss start {start}")
+        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        attn[i, : len(seq)] = 1
+        mask[i, start - 1 : len(seq) - 1] = True
+    return MicroBatch(ids, attn, ids[:, 1:].clone(), mask)
+
+
+class Learner:
+    def __init__(self, engine, tokenizer, reference, model_cfg: ModelConfig, ds_cfg: DeepSpeedConfig,
+                 rank: int, world_size: int):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.reference = reference
+        self.model_cfg = model_cfg
+        self.ds_cfg = ds_cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device()
+
+    @classmethod
+    def build(cls, model_cfg: ModelConfig, optim_cfg: OptimConfig, ds_cfg: DeepSpeedConfig, *,
+              train_batch_size: int, total_steps: int, reference: bool = False) -> Learner:
+        """Load the policy, wrap it in DeepSpeed and, for a KL loss, keep a frozen copy of it."""
+        import deepspeed
+
+        rank, world_size = init_distributed(ds_cfg.backend)
+        tokenizer = load_tokenizer(model_cfg.path)
+        # DeepSpeed casts to bf16/fp16 itself; loading in fp32 keeps its fp32 master weights exact.
+        model = load_policy(model_cfg.path, "fp32", model_cfg.attn_implementation)
+        if model_cfg.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        ref = None
+        if reference:
+            ref = copy.deepcopy(model).to(DTYPES[model_cfg.dtype])
+            ref.requires_grad_(False).eval()
+        config = deepspeed_config(optim_cfg, ds_cfg, model_cfg.dtype, train_batch_size=train_batch_size,
+                                  world_size=world_size, total_steps=total_steps)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                         if p.requires_grad], config=config)
+        if ref is not None:
+            if ds_cfg.zero_stage == 3:
+                # The reference is sharded like the policy instead of a full copy per rank.
+                ref_config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
+                ref, *_ = deepspeed.initialize(model=ref, config=ref_config)
+            ref = ref.to(device())
+        return cls(engine, tokenizer, ref, model_cfg, ds_cfg, rank, world_size)
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def logits(self, model, micro: MicroBatch) -> torch.Tensor:
+        out = model(input_ids=micro.input_ids, attention_mask=micro.attention_mask, use_cache=False)
+        return out.logits[:, :-1]
+
+    def response_logprobs(self, micro: MicroBatch, *, temperature: float = 1.0, reference: bool = False,
+                          return_entropy: bool = False):
+        """Log-probs [B, L-1] of `micro.targets` under the policy (or the reference), float32."""
+        from medvl_engine.kernels import token_logprobs
+
+        model = self.reference if reference else self.engine
+        if model is None:
+            raise RuntimeError("response_logprobs(reference=True): the learner was built without a reference")
+        logits = self.logits(model, micro)
+        return token_logprobs(logits, micro.targets, temperature=temperature, return_entropy=return_entropy)
+
+    # -- update ---------------------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    def lr(self) -> float:
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # -- parameters -----------------------------------------------------------------------------------
+
+    def full_parameters(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Buckets of (name, full tensor) of the policy, each at most `bucket_bytes` (one tensor may exceed).
+
+        Under ZeRO-3 each bucket is gathered with one `GatheredParameters` call (not one call per
+        parameter: hundreds of collectives instead of thousands for a 7B model); the tensors are
+        cloned out of it, in the training dtype.
+        """
+        named = list(self.module.named_parameters())
+        zero3 = self.ds_cfg.zero_stage == 3
+        bucket: list[tuple[str, torch.nn.Parameter]] = []
+        size = 0
+        for name, param in named:
+            numel = param.ds_numel if zero3 and hasattr(param, "ds_numel") else param.numel()
+            nbytes = numel * param.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield self._gather(bucket, zero3)
+                bucket, size = [], 0
+            bucket.append((name, param))
+            size += nbytes
+        if bucket:
+            yield self._gather(bucket, zero3)
+
+    @staticmethod
+    def _gather(bucket, zero3: bool) -> list[tuple[str, torch.Tensor]]:
+        if not zero3:
+            return [(name, p.detach()) for name, p in bucket]
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in bucket]):
+            return [(name, p.detach().clone()) for name, p in bucket]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full policy weights (gathered under ZeRO-3), CPU tensors."""
+        state = {}
+        for bucket in self.full_parameters():
+            for name, tensor in bucket:
+                state[name] = tensor.to("cpu", copy=True)
+        persistent = set(self.module.state_dict().keys())  # rotary inv_freq and the like are not saved
+        for name, buf in self.module.named_buffers():
+            if name in persistent:
+                state.setdefault(name, buf.detach().cpu())
+        return state

@@ -1,0 +1,190 @@
+"""`medvl-engine sft`: supervised fine-tuning on reasoning traces with DeepSpeed.
+
+Each example is the chat-templated prompt followed by MedVLThinker's target
+`<think> {reasoning} </think>\\n<answer> {letter} </answer>` and the end-of-turn token; only the
+target and its end-of-turn token carry loss. The loss is the mean over all target tokens of the
+global batch (not a mean of per-micro-batch means), so it does not depend on how the batch is split
+over ranks and micro-batches.
+
+    medvl-engine sft --model.path smollm2 --data.source bundled --logging.run-dir runs/sft
+    torchrun --nproc_per_node 8 -m medvl_engine.cli sft --config sft.yaml --deepspeed.zero-stage 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medvl_engine import config as config_lib
+from medvl_engine.trainers.config import SFTConfig
+
+
+@dataclass
+class SFTExample:
+    """Token ids of prompt + target; tokens from `loss_start` on carry loss."""
+
+    ids: list[int]
+    loss_start: int
+    dataset_index: int
+
+    def __post_init__(self):
+        if not 0 < self.loss_start < len(self.ids):
+            raise ValueError(f"SFTExample {self.dataset_index}: loss start {self.loss_start} "
+                             f"outside the {len(self.ids)} tokens")
+
+
+def end_of_turn(tokenizer) -> str:
+    """The text the chat template puts after an assistant message (ChatML: `<|im_end|>`)."""
+    marker = "\x00MARK\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    tail = text.split(marker, 1)[1]
+    return tail.rstrip("\n") or (tokenizer.eos_token or "")
+
+
+def encode_example(tokenizer, sample, *, max_tokens: int) -> SFTExample:
+    """Prompt (chat template with the generation prompt) + target + end-of-turn, and where the loss starts.
+
+    Prompt and target are tokenized apart so the loss boundary falls exactly between them (ChatML
+    ends the prompt with "assistant\\n", a token boundary in every BPE vocabulary we use).
+    """
+    from medvl_engine.prompts import render_prompt, sft_target
+
+    prompt = render_prompt(tokenizer, sample)
+    target = sft_target(sample) + end_of_turn(tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    ids = list(prompt_ids) + list(target_ids)
+    if len(ids) > max_tokens:
+        raise ValueError(f"SFT example {sample.dataset_name}[{sample.dataset_index}]: {len(ids)} tokens "
+                         f"> max_tokens {max_tokens} (raise --max-tokens; examples are never truncated)")
+    return SFTExample(ids, len(prompt_ids), sample.dataset_index)
+
+
+def load_examples(cfg: SFTConfig, tokenizer) -> list[SFTExample]:
+    from medvl_engine.trainers.data import load_dataset
+
+    samples = [s for s in load_dataset(cfg.data) if s.reasoning]
+    if not samples:
+        raise ValueError(f"data.source {cfg.data.source!r}: no sample has a reasoning trace to train on")
+    return [encode_example(tokenizer, s, max_tokens=cfg.max_tokens) for s in samples]
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The order of epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the same."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class SFTTrainer:
+    def __init__(self, cfg: SFTConfig, learner, examples: list[SFTExample]):
+        self.cfg = cfg
+        self.learner = learner
+        self.examples = examples
+        self.steps_per_epoch = len(examples) // cfg.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(examples)} examples are fewer than one global batch ({cfg.global_batch_size})")
+        self.total_steps = total_steps(cfg, len(examples))
+        self.step_index = 0
+
+    def batch(self, step: int) -> list[SFTExample]:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.examples), self.cfg.data.seed, epoch, self.cfg.data.shuffle)
+        start = offset * self.cfg.global_batch_size
+        return [self.examples[i] for i in order[start : start + self.cfg.global_batch_size]]
+
+    def train_step(self, step: int) -> dict:
+        from medvl_engine.trainers.learner import pad_sequences
+
+        learner = self.learner
+        batch = self.batch(step)
+        per_rank = len(batch) // learner.world_size
+        mine = batch[learner.rank * per_rank : (learner.rank + 1) * per_rank]
+        total_tokens = sum(len(e.ids) - e.loss_start for e in batch)
+        # engine.backward divides by the accumulation steps and the gradients are averaged over ranks:
+        # scaling the token sum by gas * world / total_tokens makes the update the global token mean.
+        scale = learner.gradient_accumulation_steps * learner.world_size / total_tokens
+        micro_size = self.cfg.deepspeed.micro_batch_size
+        loss_sum = 0.0
+        start = time.perf_counter()
+        for i in range(0, len(mine), micro_size):
+            chunk = mine[i : i + micro_size]
+            micro = pad_sequences([e.ids for e in chunk], [e.loss_start for e in chunk],
+                                  learner.tokenizer.pad_token_id).to(learner.device)
+            logp = learner.response_logprobs(micro)
+            nll = -(logp * micro.mask).sum()
+            learner.backward(nll * scale)
+            learner.step()
+            loss_sum += float(nll.detach())
+        stats = torch.tensor([loss_sum], dtype=torch.float64)
+        if learner.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+        return {"step": step + 1, "loss": float(stats[0]) / total_tokens, "lr": learner.lr(),
+                "grad_norm": learner.grad_norm(), "tokens": total_tokens, "seconds": time.perf_counter() - start}
+
+
+def total_steps(cfg: SFTConfig, num_examples: int) -> int:
+    steps = cfg.epochs * (num_examples // cfg.global_batch_size)
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def run(cfg: SFTConfig, *, resume: bool = False) -> list[dict]:
+    """Train; returns the per-step metrics (also written to run_dir/metrics.jsonl on rank 0)."""
+    from medvl_engine.trainers import checkpoint
+    from medvl_engine.trainers.learner import Learner
+    from medvl_engine.trainers.metrics import MetricsLog
+    from medvl_engine.trainers.model import load_tokenizer
+
+    torch.manual_seed(cfg.seed)
+    examples = load_examples(cfg, load_tokenizer(cfg.model.path))
+    steps = total_steps(cfg, len(examples))
+    learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=cfg.global_batch_size,
+                            total_steps=steps)
+    trainer = SFTTrainer(cfg, learner, examples)
+    run_dir = Path(cfg.logging.run_dir)
+    start = 0
+    if resume:
+        state = checkpoint.load_checkpoint(learner, run_dir)
+        start = state["step"] if state else 0
+    if learner.rank == 0:
+        config_lib.save(cfg, run_dir / "config.yaml")
+    history = []
+    with MetricsLog(run_dir, learner.rank, append=resume) as log:
+        for step in range(start, steps):
+            row = trainer.train_step(step)
+            history.append(row)
+            log.write(row)
+            if learner.rank == 0 and (step + 1) % cfg.logging.log_every == 0:
+                print(f"sft step {row['step']}/{steps} loss {row['loss']:.4f} lr {row['lr']:.3g} "
+                      f"grad_norm {row['grad_norm']:.3g} ({row['seconds']:.1f}s)", flush=True)
+            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+                checkpoint.save_checkpoint(learner, run_dir, step + 1, {"config": config_lib.to_dict(cfg)},
+                                           keep=cfg.checkpoint.keep)
+    if cfg.checkpoint.export:
+        checkpoint.export_hf(learner, run_dir / "export")
+    return history
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config_lib.add_arguments(parser, SFTConfig)
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+
+
+def main(args: argparse.Namespace) -> int:
+    from medvl_engine.trainers.distributed import shutdown
+
+    cfg = config_lib.from_args(SFTConfig, args)
+    history = run(cfg, resume=args.resume)
+    shutdown()  # after an error the other ranks are stopped by the launcher; a barrier would hang them
+    if history and not math.isfinite(history[-1]["loss"]):
+        return 1
+    return 0
