@@ -1,0 +1,285 @@
+"""`medvl-engine curate`: keep the questions of medium difficulty and order them, as MedVLThinker does.
+
+    medvl-engine curate --source UCSC-VLAA/MedVLThinker-pmc_vqa --split train \
+        --pass-counts runs/passrate-3b --output data/pmc_vqa-easy_to_hard
+
+Joins the pass counts of a `medvl-engine passrate` run to the dataset by `dataset_index`, keeps the
+rows whose pass count lies in [min_pass, max_pass] (default 1..7 of 16: MedVLThinker drops questions
+no sample solves and questions half or more of the samples solve), reports how many rows were
+dropped at each end and how many had no pass count, orders the rest (easy_to_hard: descending pass
+count with ties shuffled by the seed, as MedVLThinker shuffles then sorts; hard_to_easy: ascending;
+shuffled), and writes
+
+    OUTPUT/dataset/       a `save_to_disk` folder (what `medvl-engine grpo --data.source` reads)
+    OUTPUT/data.parquet   the same rows as one parquet file
+    OUTPUT/curation.json  the counts and settings
+
+in the unified schema plus a `pass_count` column. Images keep their original encoded bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from medvl_engine.config import param
+
+ORDERS = ("easy_to_hard", "hard_to_easy", "shuffled")
+RESULTS_NAME = "results.jsonl"
+
+
+@dataclass
+class CurateConfig:
+    """Which dataset, which pass counts, which band and order, and where to write."""
+
+    source: str = param("", "dataset: hub name, save_to_disk folder, parquet or jsonl (`bundled`: the bundled set)")
+    split: str = param("train", "split to read when the source has several")
+    pass_counts: str = param("", "a passrate run folder or its results.jsonl")
+    output: str = param("", "output folder (dataset/, data.parquet, curation.json)")
+    min_pass: int = param(1, "keep rows with pass count >= this (MedVLThinker: 1)")
+    max_pass: int = param(7, "keep rows with pass count <= this (MedVLThinker: 7 of 16)")
+    order: Literal["easy_to_hard", "hard_to_easy", "shuffled"] = param("easy_to_hard", "row order of the output")
+    seed: int = param(42, "seed of the tie shuffle (MedVLThinker: 42)")
+    overwrite: bool = param(False, "replace an existing output folder")
+
+    def __post_init__(self):
+        for name in ("source", "pass_counts", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"curate: --{name.replace('_', '-')} is required")
+        if not 0 <= self.min_pass <= self.max_pass:
+            raise ValueError(f"curate: need 0 <= min_pass <= max_pass, got {self.min_pass}..{self.max_pass}")
+        if self.order not in ORDERS:
+            raise ValueError(f"curate: order {self.order!r} is not one of {ORDERS}")
+
+
+@dataclass(frozen=True)
+class Curation:
+    """The outcome of a curation: the kept rows in output order and what was dropped, counted."""
+
+    rows: list[int]
+    pass_counts: list[int]
+    total: int
+    dropped_below: int
+    dropped_above: int
+    missing: int
+    unknown: int
+    num_rollouts: int
+
+    @property
+    def kept(self) -> int:
+        return len(self.rows)
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("rows", "pass_counts")}
+        out["kept"] = self.kept
+        return out
+
+
+def read_pass_counts(path: str | Path) -> tuple[dict[int, int], int]:
+    """dataset_index -> pass count from a passrate run (folder or jsonl), and the samples per question.
+
+    All records must come from the same number of samples: pass counts out of 8 and out of 16 are not
+    comparable, and the default band 1..7 is meant for 16.
+    """
+    from medvl_engine.evals.results import iter_pass_counts
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_NAME
+    counts: dict[int, int] = {}
+    rollouts: set[int] = set()
+    for index, num_correct, num_rollouts in iter_pass_counts(path):
+        if not 0 <= num_correct <= num_rollouts:
+            raise ValueError(f"{path}: dataset_index {index} has num_correct={num_correct} of {num_rollouts}")
+        counts[index] = num_correct
+        rollouts.add(num_rollouts)
+    if not counts:
+        raise ValueError(f"{path}: no pass counts")
+    if len(rollouts) > 1:
+        raise ValueError(f"{path}: records come from different sample counts {sorted(rollouts)}; pass counts "
+                         "of different n cannot share one band")
+    return counts, rollouts.pop()
+
+
+def select(
+    dataset_indices: Sequence[int],
+    pass_counts: Mapping[int, int],
+    *,
+    min_pass: int = 1,
+    max_pass: int = 7,
+    order: str = "easy_to_hard",
+    seed: int = 42,
+    num_rollouts: int = 16,
+) -> Curation:
+    """Which rows (positions in `dataset_indices`) to keep, in output order, and the drop counts."""
+    if order not in ORDERS:
+        raise ValueError(f"order {order!r} is not one of {ORDERS}")
+    known = set(dataset_indices)
+    if len(known) != len(dataset_indices):
+        raise ValueError("dataset_index values of the dataset are not unique; they cannot be joined")
+    keep, below, above, missing = [], 0, 0, 0
+    for row, index in enumerate(dataset_indices):
+        count = pass_counts.get(index)
+        if count is None:
+            missing += 1
+        elif count < min_pass:
+            below += 1
+        elif count > max_pass:
+            above += 1
+        else:
+            keep.append(row)
+    keep_arr = np.asarray(keep, dtype=np.int64)
+    counts = np.asarray([pass_counts[dataset_indices[r]] for r in keep], dtype=np.int64)
+    # Shuffle first, then a stable sort: rows with equal pass counts end up in seeded random order.
+    perm = np.random.default_rng(seed).permutation(len(keep_arr))
+    keep_arr, counts = keep_arr[perm], counts[perm]
+    if order != "shuffled":
+        by = np.argsort(-counts if order == "easy_to_hard" else counts, kind="stable")
+        keep_arr, counts = keep_arr[by], counts[by]
+    return Curation(
+        rows=keep_arr.tolist(),
+        pass_counts=counts.tolist(),
+        total=len(dataset_indices),
+        dropped_below=below,
+        dropped_above=above,
+        missing=missing,
+        unknown=len(set(pass_counts) - known),
+        num_rollouts=num_rollouts,
+    )
+
+
+# --- writing -----------------------------------------------------------------------------------------
+
+
+def _features():
+    import datasets
+
+    return datasets.Features({
+        "images": datasets.List(datasets.Image()),
+        "question": datasets.Value("string"),
+        "options": datasets.Value("string"),
+        "answer_label": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "reasoning": datasets.Value("string"),
+        "dataset_name": datasets.Value("string"),
+        "dataset_index": datasets.Value("int64"),
+        "pass_count": datasets.Value("int64"),
+    })
+
+
+def _image_bytes(image) -> dict:
+    # The loaders open every image from its original encoded bytes (an in-memory file); storing those
+    # bytes again keeps a JPEG bit-exact instead of re-encoding it at quality 75.
+    fp = getattr(image, "fp", None)
+    if isinstance(fp, io.BytesIO):
+        return {"bytes": fp.getvalue(), "path": None}
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def _row(sample, pass_count: int) -> dict:
+    return {
+        "images": [_image_bytes(image) for image in sample.images],
+        "question": sample.question,
+        # MedVLThinker's datasets store options as a JSON string (ensure_ascii=False), letter order kept.
+        "options": json.dumps(sample.options, ensure_ascii=False),
+        "answer_label": sample.answer_label,
+        "answer": sample.answer,
+        "reasoning": sample.reasoning,
+        "dataset_name": sample.dataset_name,
+        "dataset_index": sample.dataset_index,
+        "pass_count": pass_count,
+    }
+
+
+def save_samples(samples: Sequence, pass_counts: Sequence[int], output: str | Path, *, batch_rows: int = 256) -> Path:
+    """Write samples (with their pass counts) as OUTPUT/data.parquet and the save_to_disk folder OUTPUT/dataset.
+
+    Rows are streamed into parquet `batch_rows` at a time (a PMC-VQA-sized set with images does not fit
+    in memory as Python objects), then the parquet is turned into the arrow folder.
+    """
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    features = _features()
+    schema = features.arrow_schema
+    parquet_path = output / "data.parquet"
+    with pq.ParquetWriter(parquet_path, schema) as writer:
+        for start in range(0, len(samples), batch_rows):
+            stop = start + batch_rows
+            rows = [_row(s, c) for s, c in zip(samples[start:stop], pass_counts[start:stop])]
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    cache = output / ".cache"
+    try:
+        dataset = datasets.Dataset.from_parquet(str(parquet_path), features=features, cache_dir=str(cache))
+        dataset.save_to_disk(str(output / "dataset"))
+        del dataset
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return output
+
+
+# --- command -----------------------------------------------------------------------------------------
+
+
+def curate(cfg: CurateConfig) -> Curation:
+    """Load, join, select, order and save; returns the counts (also written to curation.json)."""
+    from medvl_engine.data import load_bundled, load_samples
+
+    output = Path(cfg.output)
+    if output.exists() and any(output.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(f"output folder {output} is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(output)
+    samples = load_bundled() if cfg.source == "bundled" else load_samples(cfg.source, split=cfg.split)
+    counts, num_rollouts = read_pass_counts(cfg.pass_counts)
+    if cfg.max_pass > num_rollouts:
+        raise ValueError(f"curate: max_pass {cfg.max_pass} exceeds the {num_rollouts} samples per question")
+    result = select([s.dataset_index for s in samples], counts, min_pass=cfg.min_pass, max_pass=cfg.max_pass,
+                    order=cfg.order, seed=cfg.seed, num_rollouts=num_rollouts)
+    save_samples([samples[r] for r in result.rows], result.pass_counts, output)
+    summary = {**result.summary(), "config": asdict(cfg)}
+    (output / "curation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def format_summary(result: Curation, cfg: CurateConfig) -> str:
+    n = result.num_rollouts
+    lines = [
+        f"rows in dataset        {result.total}",
+        f"kept ({cfg.min_pass}..{cfg.max_pass} of {n})      {result.kept}",
+        f"dropped, pass < {cfg.min_pass}     {result.dropped_below}",
+        f"dropped, pass > {cfg.max_pass}     {result.dropped_above}",
+        f"no pass count          {result.missing}",
+        f"pass counts not in dataset {result.unknown}",
+        f"order                  {cfg.order} (seed {cfg.seed})",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from medvl_engine import config
+
+    config.add_arguments(parser, CurateConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    from medvl_engine import config
+
+    cfg = config.from_args(CurateConfig, args)
+    result = curate(cfg)
+    print(format_summary(result, cfg))
+    print(f"wrote {cfg.output}/dataset (save_to_disk) and {cfg.output}/data.parquet")
+    return 0

@@ -1,0 +1,166 @@
+"""`medvl-engine passrate`: how many of n sampled answers solve each question (MedVLThinker's pass counts).
+
+    medvl-engine passrate --model Qwen/Qwen2.5-VL-3B-Instruct --source UCSC-VLAA/MedVLThinker-m23k-tokenized \
+        --output runs/passrate-m23k-3b
+
+MedVLThinker's settings by default: n=16 samples per question at temperature 1.0 (top_p 1), 4096 new
+tokens, seed 42, graded by the strict RL reward (`reward` mode: the format gate counts), over a
+training split. The run folder holds
+
+    manifest.json        model, settings, versions, commit
+    results.jsonl        one line per question (the eval layout); `num_correct` is its pass count
+    histogram.png        questions per pass count 0..n (matplotlib, Agg)
+    histogram.txt        the same as a text table (also printed)
+
+Bulk work: the pool keeps every backend saturated (questions in flight, no batch barrier) and each
+question is one request with n samples (the engine shares the prompt across them). Resumable like
+`medvl-engine eval`. `medvl-engine curate` reads the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medvl_engine.config import param
+from medvl_engine.evals.evaluate import sections
+from medvl_engine.evals.runner import DecodingConfig, EngineConfig, QuestionsConfig, RunStats
+
+RESULTS_NAME = "results.jsonl"
+VOLATILE = ("engine.device", "engine.max_batch", "run.output", "run.overwrite")
+
+
+@dataclass
+class PassrateConfig(DecodingConfig, EngineConfig, QuestionsConfig):
+    """A pass-rate run: MedVLThinker's estimate_pass_rate settings by default."""
+
+    source: str = param("UCSC-VLAA/MedVLThinker-m23k-tokenized",
+                        "training set: hub name, save_to_disk folder, parquet or jsonl (`bundled`: the bundled set)")
+    split: str = param("train", "split to read when the source has several")
+    n: int = param(16, "samples per question")
+    temperature: float = param(1.0, "sampling temperature")
+    output: str = param("", "run folder (created, or resumed when it holds this run)")
+    overwrite: bool = param(False, "delete the run folder first instead of resuming it")
+
+    def __post_init__(self):
+        QuestionsConfig.__post_init__(self)
+        EngineConfig.__post_init__(self)
+        DecodingConfig.__post_init__(self)
+        if not self.output:
+            raise ValueError("--output: is required (the run folder)")
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError("--temperature 0 with n > 1 samples the same answer n times; pass counts need sampling")
+
+
+def histogram(pass_counts, n: int) -> np.ndarray:
+    """Questions per pass count 0..n."""
+    counts = np.asarray(list(pass_counts), dtype=np.int64)
+    if counts.size and (counts.min() < 0 or counts.max() > n):
+        raise ValueError(f"pass counts must lie in 0..{n}, got {counts.min()}..{counts.max()}")
+    return np.bincount(counts, minlength=n + 1)
+
+
+def histogram_text(hist: np.ndarray, *, width: int = 40) -> str:
+    """A text table: pass count, questions, share, and a bar scaled to the largest bucket."""
+    total = int(hist.sum())
+    top = max(int(hist.max()), 1)
+    n = len(hist) - 1
+    lines = [f"| pass count (of {n}) | questions | share % | |", "|---:|---:|---:|:---|"]
+    for k, count in enumerate(hist.tolist()):
+        share = 100.0 * count / total if total else 0.0
+        lines.append(f"| {k} | {count} | {share:.1f} | {'#' * round(width * count / top)} |")
+    solved_any = int(hist[1:].sum())
+    mean = float((np.arange(n + 1) * hist).sum() / (n * total)) if total else 0.0
+    solved_share = 100 * solved_any / max(total, 1)
+    lines += ["", f"{total} questions; mean pass rate {100 * mean:.1f}%; pass@{n} {solved_share:.1f}%; "
+              f"none solved {int(hist[0])}; all solved {int(hist[n])}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_histogram(hist: np.ndarray, path: str | Path, title: str) -> Path:
+    """Bar chart of questions per pass count, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    try:
+        ax.bar(np.arange(len(hist)), hist, color="#3b6ea5")
+        ax.set_xticks(np.arange(len(hist)))
+        ax.set_xlabel(f"pass count (correct answers of {len(hist) - 1})")
+        ax.set_ylabel("questions")
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def write_histogram(folder: str | Path, title: str = "") -> tuple[np.ndarray, str]:
+    """Histogram of a pass-rate run folder as histogram.png and histogram.txt; returns it and the text."""
+    from medvl_engine.evals.results import iter_pass_counts
+
+    folder = Path(folder)
+    rows = list(iter_pass_counts(folder / RESULTS_NAME))
+    sizes = {n for _, _, n in rows}
+    if len(sizes) != 1:
+        raise ValueError(f"{folder}: records come from different sample counts {sorted(sizes)}")
+    hist = histogram((c for _, c, _ in rows), sizes.pop())
+    text = histogram_text(hist)
+    (folder / "histogram.txt").write_text(text)
+    plot_histogram(hist, folder / "histogram.png", title or folder.name)
+    return hist, text
+
+
+def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunStats, str]:
+    """Run (or resume) the pass-rate estimate and write its histogram; returns the stats and the text table."""
+    from medvl_engine.evals.manifest import open_run
+    from medvl_engine.evals.results import ResultsFile
+    from medvl_engine.evals.runner import build_backends, generate_into, load_questions, shutdown
+
+    questions = load_questions(cfg)
+    open_run(cfg.output, "passrate", sections(cfg), volatile=VOLATILE, overwrite=cfg.overwrite)
+    owned = backends is None
+    if owned:
+        backends, renderer = build_backends(cfg)
+
+    async def run():
+        try:
+            return await generate_into(ResultsFile(Path(cfg.output) / RESULTS_NAME), questions, backends, renderer,
+                                       cfg.params(), mode="reward", label="passrate: ")
+        finally:
+            if owned:
+                await shutdown(backends)
+
+    stats = asyncio.run(run())
+    _, text = write_histogram(cfg.output, f"{Path(cfg.model).name}: pass counts on {Path(cfg.source).name}")
+    return stats, text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from medvl_engine import config
+
+    config.add_arguments(parser, PassrateConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    from medvl_engine import config
+
+    cfg = config.from_args(PassrateConfig, args)
+    stats, text = estimate(cfg)
+    print(text)
+    print(f"{stats.written} answered, {stats.skipped} already done, {len(stats.failed)} failed; "
+          f"{stats.questions_per_s:.2f} questions/s, {stats.tokens_per_s:.0f} generated tokens/s", file=sys.stderr)
+    if stats.failed:
+        for index, reason in stats.failed[:10]:
+            print(f"  dataset_index {index} failed: {reason}", file=sys.stderr)
+        print("some questions failed; run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
