@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -48,7 +48,7 @@ def environment() -> dict:
     from medvl_engine import __version__
 
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device_name(),
         "commit": git_commit(),
         "medvl_engine": __version__,

@@ -15,7 +15,8 @@ from medvl_engine import __version__
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("medvl_engine.demo", "run the main job end to end on the bundled default data"),
+    "demo": ("medvl_engine.trainers.demo", "GRPO on bundled data with the embedded model, then evaluate"),
+    "score-demo": ("medvl_engine.score_demo", "score the bundled model answers in all three grading modes"),
     "score": ("medvl_engine.scoring", "score model answers against a dataset and print the accuracy table"),
     "rollout-worker": ("medvl_engine.rollout.worker", "run a rollout worker that streams scored GRPO groups"),
     "sft": ("medvl_engine.trainers.sft", "supervised fine-tuning with DeepSpeed"),

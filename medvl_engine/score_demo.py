@@ -1,6 +1,6 @@
-"""`medvl-engine demo`: the main job on the bundled default data.
+"""`medvl-engine score-demo`: the bundled model answers scored in all three grading modes.
 
-For now it scores the bundled model answers (`medvl_engine/data/bundled/answers.jsonl`: correct, wrong
+It scores the bundled model answers (`medvl_engine/data/bundled/answers.jsonl`: correct, wrong
 and malformed responses) against the bundled questions in MedVLThinker's three grading modes and
 prints the accuracy tables side by side, so the difference between the strict RL reward and the
 looser published-table rule is visible on one screen.
