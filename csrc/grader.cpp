@@ -296,8 +296,11 @@ std::size_t ChoiceSet::add(const Text& label_str, const Text& text_str) {
   choice.text = strip(s, Span{base + label_str.size + 2, chars_.size()});
   choice.combined = strip(s, Span{base, chars_.size()});
   choice.slot = lowered_size_;
-  lowered_size_ += static_cast<std::size_t>(tables::kMaxLowerExpansion) *
-                   (choice.combined.size() + choice.label.size() + choice.text.size());
+  // Room for the lowercase forms: ASCII lowers one to one (most option texts), anything else may grow.
+  const bool ascii = std::all_of(chars_.begin() + static_cast<std::ptrdiff_t>(base), chars_.end(),
+                                 [](char32_t c) { return c < 128; });
+  const std::size_t expansion = ascii ? 1 : static_cast<std::size_t>(tables::kMaxLowerExpansion);
+  lowered_size_ += expansion * (choice.combined.size() + choice.label.size() + choice.text.size());
   items_.push_back(choice);
   return items_.size() - 1;
 }

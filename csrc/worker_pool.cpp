@@ -26,11 +26,7 @@ WorkerPool::~WorkerPool() {
   for (std::thread& worker : workers_) worker.join();
 }
 
-void WorkerPool::run(std::size_t n, const std::function<void(std::size_t)>& fn) {
-  if (workers_.empty() || n < 2) {
-    for (std::size_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
+void WorkerPool::start(std::size_t n, const std::function<void(std::size_t)>& fn) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     job_ = &fn;
@@ -40,10 +36,14 @@ void WorkerPool::run(std::size_t n, const std::function<void(std::size_t)>& fn) 
     chunk_ = std::clamp<std::size_t>(n / (std::size_t{size()} * 16), 1, 256);
     next_.store(0);
     error_ = nullptr;
+    if (workers_.empty() || n < 2) return;  // wait() runs it inline: waking a thread costs more
     busy_ = static_cast<unsigned>(workers_.size());
     ++generation_;
   }
   start_.notify_all();
+}
+
+void WorkerPool::wait() {
   drain();
   std::unique_lock<std::mutex> lock(mutex_);
   done_.wait(lock, [this] { return busy_ == 0; });

