@@ -5,7 +5,8 @@ Both sides sample the same GRPO groups (n answers per prompt, bundled text-only 
 in one batch), as a hand-written rollout script would, and again with as many prompts per call as the
 pool's batch holds (a static batch: the best a loop can do without scheduling); the pool runs
 HFBackend with `--max-batch` sequences per generate call and scores every group as it finishes.
-Tokens count each answer up to and including its end-of-sequence token.
+Tokens count each answer up to and including its end-of-sequence token. The pool's requests carry
+per-position seeds as the rollout worker's do (`--unseeded`: none); the plain loops draw from torch's RNG.
 
     python benchmarks/bench_rollout.py                        # tiny random Llama (byte vocabulary)
     python benchmarks/bench_rollout.py --model PATH --device cuda --dtype bfloat16 --n 8 --max-new-tokens 512
@@ -28,7 +29,7 @@ from medvl_engine.benchmarking import device_name, environment, format_table, wr
 from medvl_engine.data import load_bundled
 from medvl_engine.rollout.hf_backend import HFBackend, load_model_and_processor
 from medvl_engine.rollout.pool import RolloutPool
-from medvl_engine.rollout.types import SamplingParams
+from medvl_engine.rollout.types import SamplingParams, derive_seed
 from medvl_engine.rollout.worker import build_request, stream_samples
 
 CHATML = (
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-batch", type=int, default=32, help="pool: sequences per generate call")
     parser.add_argument("--max-in-flight", type=int, default=8, help="pool: groups in flight")
+    parser.add_argument("--unseeded", action="store_true", help="pool: requests without per-position seeds")
     parser.add_argument("--hidden", type=int, default=256, help="tiny model: hidden size")
     parser.add_argument("--layers", type=int, default=4, help="tiny model: layers")
     parser.add_argument("--out", default=None)
@@ -118,8 +120,9 @@ def main(args: argparse.Namespace) -> int:
         model_name = os.path.basename(os.path.normpath(args.model))
     model = model.to(device).eval()
     samples = [s for s in load_bundled() if not s.images]
-    requests = [build_request(processor, sample, f"{sample.dataset_index}@{position}")
-                for position, sample in stream_samples(samples, 0, args.prompts, None)]
+    requests = [build_request(processor, sample, f"{sample.dataset_index}@{position}",
+                              seed=None if args.unseeded else derive_seed(0, position))
+                for position, _, sample in stream_samples(samples, 0, args.prompts, None)]
     params = SamplingParams(n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     backend = HFBackend(model, processor, device=args.device, max_batch=args.max_batch)
     eos_ids, pad_id = set(backend.eos_token_ids), backend.pad_token_id
@@ -153,7 +156,8 @@ def main(args: argparse.Namespace) -> int:
         {**shape, "impl": f"generate loop ({per_call} prompts x n per call)", "tokens": batched_tokens,
          "seconds": batched_s, "tokens_per_s": batched_tokens / batched_s,
          "speedup": (batched_tokens / batched_s) / plain_rate},
-        {**shape, "impl": f"RolloutPool + HFBackend (max_batch {args.max_batch}, scored)",
+        {**shape, "impl": f"RolloutPool + HFBackend (max_batch {args.max_batch}, scored"
+                          f"{', unseeded' if args.unseeded else ', seeded'})",
          "tokens": stats.tokens_generated, "seconds": pool_s, "tokens_per_s": stats.tokens_generated / pool_s,
          "speedup": (stats.tokens_generated / pool_s) / plain_rate},
     ]

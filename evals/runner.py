@@ -20,8 +20,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import numpy as np
-
 from medvl_engine.config import param
 from medvl_engine.evals.results import ResultsFile
 
@@ -83,9 +81,8 @@ class DecodingConfig:
             raise ValueError(f"--seed: must be >= 0, got {self.seed}")
 
     def params(self, *, seed_offset: int = 0):
-        """SamplingParams for the pool. Greedy requests carry no seed, so the hf backend may batch them
-        together (a seeded request runs alone there); sampled ones carry the run seed (+ offset), which
-        `generate_into` turns into one seed per question."""
+        """SamplingParams for the pool. Greedy decoding carries no seed; sampling carries the run seed
+        (+ offset), which `generate_into` turns into one seed per question (`PromptRequest.seed`)."""
         from medvl_engine.rollout.types import SamplingParams
 
         seed = None if self.temperature == 0 else self.seed + seed_offset
@@ -151,32 +148,17 @@ def build_backends(cfg: EngineConfig) -> tuple[list, object]:
 
 def question_seed(seed: int, dataset_index: int) -> int:
     """A question's own sampling seed: a function of the run seed and its index only, so a question
-    samples the same answers whichever questions ran before it (a resumed run equals an uninterrupted one)."""
-    return int(np.random.SeedSequence([seed, dataset_index]).generate_state(1)[0] & 0x7FFFFFFF)
+    samples the same answers whichever questions ran before it (a resumed run equals an uninterrupted one),
+    and questions do not share one random stream (correlated samples across questions)."""
+    from medvl_engine.rollout.types import derive_seed
+
+    return derive_seed(seed, dataset_index)
 
 
-class _SeedPerQuestion:
-    """Wraps a backend so every request samples with `question_seed(params.seed, its dataset_index)`.
+def make_request(renderer, sample, seed: int | None = None):
+    """The PromptRequest of one question: MedVLThinker's prompt rendered by the model's chat template.
 
-    The pool passes one SamplingParams to every request; one shared seed would give every question
-    the same random draws (correlated samples across questions)."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.name = backend.name
-
-    @property
-    def weight_version(self) -> int:
-        return self.backend.weight_version
-
-    async def generate(self, request, params):
-        if params.seed is not None:
-            params = replace(params, seed=question_seed(params.seed, request.sample.dataset_index))
-        return await self.backend.generate(request, params)
-
-
-def make_request(renderer, sample):
-    """The PromptRequest of one question: MedVLThinker's prompt rendered by the model's chat template."""
+    `seed` is the run's sampling seed (None: greedy); the request samples with `question_seed(seed, index)`."""
     from medvl_engine.prompts import render_prompt
     from medvl_engine.rollout.types import PromptRequest
 
@@ -184,7 +166,8 @@ def make_request(renderer, sample):
     tokenizer = getattr(renderer, "tokenizer", renderer)
     input_ids = tokenizer(text, add_special_tokens=False).input_ids
     return PromptRequest(prompt_id=str(sample.dataset_index), input_ids=input_ids, text=text,
-                         images=list(sample.images), sample=sample)
+                         images=list(sample.images), sample=sample,
+                         seed=None if seed is None else question_seed(seed, sample.dataset_index))
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -235,11 +218,11 @@ class RunStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def _requests(renderer, samples, done: set[int]) -> Iterator:
+def _requests(renderer, samples, done: set[int], seed: int | None) -> Iterator:
     # Lazy: prompts are rendered (and images handed over) only as the pool pulls them.
     for sample in samples:
         if sample.dataset_index not in done:
-            yield make_request(renderer, sample)
+            yield make_request(renderer, sample, seed)
 
 
 async def generate_into(
@@ -270,9 +253,7 @@ async def generate_into(
     if max_in_flight is None:
         max_batch = getattr(backends[0], "max_batch", 16)
         max_in_flight = max(1, 2 * max_batch // params.n)
-    if params.seed is not None:
-        backends = [_SeedPerQuestion(b) for b in backends]
-    pool = RolloutPool(backends, _requests(renderer, samples, done), params, max_in_flight=max_in_flight,
+    pool = RolloutPool(backends, _requests(renderer, samples, done, params.seed), params, max_in_flight=max_in_flight,
                        score_mode=mode)
     start = last = time.perf_counter()
     try:

@@ -312,7 +312,7 @@ def build_stream_source(cfg: GRPOConfig, learner, state: dict | None):
         endpoint = receiver.endpoint.replace("0.0.0.0", "127.0.0.1")
         Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
         for i in range(cfg.rollout.workers):
-            workers.append(WorkerProcess(worker_arguments(cfg, endpoint, f"rollout-{i}"),
+            workers.append(WorkerProcess(worker_arguments(cfg, endpoint, f"rollout-{i}", shard=i),
                                          log_path=Path(cfg.logging.run_dir) / f"rollout-{i}.log",
                                          name=f"rollout-{i}"))
             workers[-1].start()
@@ -320,8 +320,9 @@ def build_stream_source(cfg: GRPOConfig, learner, state: dict | None):
                         dynamic_sampling=cfg.algo.dynamic_sampling, workers=workers)
 
 
-def worker_arguments(cfg: GRPOConfig, endpoint: str, producer_id: str) -> list[str]:
-    """`medvl-engine rollout-worker` flags for this run (the same for a worker started by hand)."""
+def worker_arguments(cfg: GRPOConfig, endpoint: str, producer_id: str, *, shard: int = 0) -> list[str]:
+    """`medvl-engine rollout-worker` flags for this run (the same for a worker started by hand): worker
+    `shard` of `rollout.workers` takes every W-th prompt of the stream and seeds it by its position."""
     from medvl_engine.models import resolve_model_path
 
     r, data = cfg.rollout, cfg.data
@@ -330,7 +331,8 @@ def worker_arguments(cfg: GRPOConfig, endpoint: str, producer_id: str) -> list[s
             "--temperature", str(r.temperature), "--top-p", str(r.top_p),
             "--max-new-tokens", str(r.max_response_tokens), "--max-staleness", str(r.max_staleness),
             # Groups in flight on the backend: one step's worth (more only samples further off-policy).
-            "--max-in-flight", str(r.credits or cfg.algo.prompts_per_step)]
+            "--max-in-flight", str(r.credits or cfg.algo.prompts_per_step),
+            "--seed", str(r.seed), "--shard-index", str(shard), "--num-shards", str(max(r.workers, 1))]
     if data.shuffle:
         args += ["--shuffle-seed", str(data.seed)]
     if data.text_only:

@@ -7,7 +7,7 @@ imported when a backend is built (`make_backend`).
 
 from medvl_engine.rollout.backend import Backend, make_backend
 from medvl_engine.rollout.pool import FailedPrompt, PoolStats, RolloutPool, ScoredGroup, to_message
-from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams
+from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams, derive_seed
 
 __all__ = [
     "Backend",
@@ -18,6 +18,7 @@ __all__ = [
     "RolloutPool",
     "SamplingParams",
     "ScoredGroup",
+    "derive_seed",
     "make_backend",
     "to_message",
 ]

@@ -9,14 +9,14 @@ Log-probs: for each sampled token the engine returns `log_softmax(logits / tempe
 the temperature-scaled distribution *before* top-k/top-p truncation, which is what SGLang and vLLM
 return by default and what a learner recomputes from its own forward pass (divide the logits by the
 rollout temperature, log-softmax, gather). Greedy decoding (temperature 0) returns the raw
-`log_softmax(logits)[token]`. They are computed from generate's raw `output_logits`, one step at a
-time in float32 (generate keeps every step's logits: batch x new tokens x vocab x 4 bytes, the price
-of the reference backend).
+`log_softmax(logits)[token]`. They are taken in float32 at each step, as the token is chosen
+(`hf_sampler.RequestSampler`), so no step's full logits outlive it.
 
-Reproducibility: a request with a `seed` runs as its own batch under `torch.manual_seed(seed)` (in a
-forked RNG state), so its answers do not depend on what else was queued; unseeded requests share
-batches. The model's own `generation_config` sampling defaults (repetition penalty, top-k, ...) are
-ignored: the engine samples exactly as `SamplingParams` say.
+Reproducibility: every request samples from its own `torch.Generator`, seeded with the request's seed
+(`PromptRequest.seed`, else `SamplingParams.seed`) or, without one, from torch's global RNG; so seeded
+requests share batches with anything else and still draw the same answers (up to the float rounding
+of a different batch shape). The model's own `generation_config` sampling defaults (repetition
+penalty, top-k, ...) are ignored: the engine samples exactly as `SamplingParams` say.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from medvl_engine.rollout.backend import Backend
+from medvl_engine.rollout.hf_sampler import RequestSampler
 from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams
 
 
@@ -158,15 +159,13 @@ class HFBackend(Backend):
         if not self._pending:
             return []
         first = self._pending.popleft()
-        if first.params.seed is not None:
-            return [first]
         key = _batch_key(first)
         batch, total, keep = [first], first.params.n, deque()
         while self._pending:
             job = self._pending.popleft()
             if job.future.done():
                 continue
-            if job.params.seed is None and _batch_key(job) == key and total + job.params.n <= self.max_batch:
+            if _batch_key(job) == key and total + job.params.n <= self.max_batch:
                 batch.append(job)
                 total += job.params.n
             else:
@@ -175,34 +174,30 @@ class HFBackend(Backend):
         return batch
 
     def _generate_batch(self, batch: list[_Job]) -> list[list[Completion]]:
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
         params = batch[0].params
         version = self._version
         requests = [job.request for job in batch for _ in range(job.params.n)]
         inputs = self._encode(requests)
-        sampling = {} if params.greedy else {
-            "temperature": params.temperature, "top_p": params.top_p, "top_k": max(params.top_k, 0)
-        }
-        config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, **sampling,
-            eos_token_id=sorted(self._eos_ids), pad_token_id=self._pad_id,
-            stop_strings=list(params.stop) or None,
-            output_logits=params.return_logprobs, return_dict_in_generate=True,
+        sampler = RequestSampler(
+            [job.params.n for job in batch], [None if params.greedy else self._generator(job) for job in batch],
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            record_logprobs=params.return_logprobs,
         )
-        with torch.inference_mode(), _seeded(params.seed, self.device):
-            out = self.model.generate(**inputs, generation_config=config,
-                                      tokenizer=self.tokenizer if params.stop else None)
-        new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-        logprobs = None
-        if params.return_logprobs:
-            temperature = 1.0 if params.greedy else params.temperature
-            steps = [
-                torch.log_softmax(step.float() / temperature, dim=-1).gather(1, new_tokens[:, t : t + 1])
-                for t, step in enumerate(out.logits)
-            ]
-            logprobs = torch.cat(steps, dim=1).cpu().numpy()
-        tokens = new_tokens.cpu().numpy()
+        # do_sample=False: the sampler picks every token (one RNG per request) and generate takes its argmax.
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=sorted(self._eos_ids),
+            pad_token_id=self._pad_id, stop_strings=list(params.stop) or None, return_dict_in_generate=False,
+        )
+        with torch.inference_mode():
+            sequences = self.model.generate(**inputs, generation_config=config,
+                                            logits_processor=LogitsProcessorList([sampler]),
+                                            tokenizer=self.tokenizer if params.stop else None)
+        tokens = sequences[:, inputs["input_ids"].shape[1]:].cpu().numpy()
+        logprobs = sampler.logprobs().cpu().numpy() if params.return_logprobs else None
+        if logprobs is not None and logprobs.shape != tokens.shape:
+            raise RuntimeError(f"HFBackend: {logprobs.shape[1]} log-prob steps for {tokens.shape[1]} new tokens")
         completions = [
             self._completion(tokens[i], None if logprobs is None else logprobs[i], params.stop, version)
             for i in range(len(requests))
@@ -212,6 +207,13 @@ class HFBackend(Backend):
             grouped.append(completions[start : start + job.params.n])
             start += job.params.n
         return grouped
+
+    def _generator(self, job: _Job) -> torch.Generator:
+        seed = job.request.seed_for(job.params)
+        if seed is None:
+            # From the global RNG, so a caller's torch.manual_seed still fixes unseeded runs.
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _encode(self, requests: list[PromptRequest]) -> dict[str, torch.Tensor]:
         if any(r.images for r in requests):
@@ -346,16 +348,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return {int(i) for i in ids}
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 def load_model_and_processor(path: str, *, dtype: str | torch.dtype | None = None):

@@ -40,8 +40,11 @@ REQUEST_TYPES = (
 _TOP_K_ALL = -1
 
 
-def sampling_params_for(params: SamplingParams) -> dict[str, Any]:
-    """Our SamplingParams as the `sampling_params` dict of `Engine.async_generate` (keys of sglang's SamplingParams)."""
+def sampling_params_for(params: SamplingParams, seed: int | None = None) -> dict[str, Any]:
+    """Our SamplingParams as the `sampling_params` dict of `Engine.async_generate` (keys of sglang's SamplingParams).
+
+    `seed` (a request's own) overrides `params.seed`; it becomes sglang's `sampling_seed`.
+    """
     out: dict[str, Any] = {
         "n": params.n,
         "temperature": params.temperature,
@@ -51,14 +54,16 @@ def sampling_params_for(params: SamplingParams) -> dict[str, Any]:
     }
     if params.stop:
         out["stop"] = list(params.stop)
-    if params.seed is not None:
-        out["sampling_seed"] = params.seed
+    seed = params.seed if seed is None else seed
+    if seed is not None:
+        out["sampling_seed"] = seed
     return out
 
 
 def generate_kwargs(request: PromptRequest, params: SamplingParams) -> dict[str, Any]:
     """The keyword arguments of `Engine.async_generate` for one prompt answered n times."""
-    kwargs: dict[str, Any] = {"sampling_params": sampling_params_for(params), "return_logprob": params.return_logprobs}
+    kwargs: dict[str, Any] = {"sampling_params": sampling_params_for(params, request.seed),
+                              "return_logprob": params.return_logprobs}
     if request.input_ids is not None:
         kwargs["input_ids"] = list(request.input_ids)
     else:

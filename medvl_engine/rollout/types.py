@@ -72,6 +72,8 @@ class PromptRequest:
     expanded: the engine expands them); `text` is the same prompt as a string. At least one is given;
     the worker fills both so any backend can use the form it prefers. `images` are PIL images in the
     order their placeholders appear. `sample` is the dataset record the answers are scored against.
+    `seed`, when given, overrides `SamplingParams.seed` for this request alone (a pool hands one
+    SamplingParams to every request; the seed is what differs, e.g. `derive_seed(run_seed, position)`).
     """
 
     prompt_id: str
@@ -79,6 +81,7 @@ class PromptRequest:
     text: str | None = None
     images: list[Any] = field(default_factory=list)
     sample: Sample | None = None
+    seed: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.prompt_id, str) or not self.prompt_id:
@@ -92,6 +95,22 @@ class PromptRequest:
             if min(self.input_ids) < 0:
                 raise ValueError(f"PromptRequest {self.prompt_id!r}: input_ids holds a negative id")
         self.images = list(self.images or [])
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"PromptRequest {self.prompt_id!r}: seed must be None or an int >= 0, got {self.seed!r}")
+
+    def seed_for(self, params: SamplingParams) -> int | None:
+        """The seed this request samples with: its own, else the shared `params.seed`."""
+        return self.seed if self.seed is not None else params.seed
+
+
+def derive_seed(base: int, index: int) -> int:
+    """A seed for item `index` of a run seeded `base` (31 bits: every engine takes it).
+
+    Hashed, not `base + index`: runs with seeds 0 and 1 would otherwise share all but one stream.
+    """
+    if base < 0 or index < 0:
+        raise ValueError(f"derive_seed: base and index must be >= 0, got {base}, {index}")
+    return int(np.random.SeedSequence([base, index]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 @dataclass

@@ -15,6 +15,10 @@ is sent with sequence number k, in order. A restarted worker asks the learner fo
 (`handshake`) and continues from there: nothing is lost or sent twice. Groups that finish out of
 order wait in a reorder buffer until the ones before them are sent. For the same reason the worker
 does not drop constant-reward groups itself: the learner sees the rewards and filters them.
+
+Seeds: the request at position k samples with `derive_seed(--seed, k)`, so its group is a function of
+k too: after a learner `--resume`, the regenerated positions carry the answers the uninterrupted run
+had (the same tokens; log-probs equal up to the float rounding of a differently shaped batch).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections.abc import Iterator, Sequence
 
 from medvl_engine.rollout.backend import BACKENDS, Backend, make_backend
 from medvl_engine.rollout.pool import FailedPrompt, RolloutPool, to_message
-from medvl_engine.rollout.types import PromptRequest, SamplingParams
+from medvl_engine.rollout.types import PromptRequest, SamplingParams, derive_seed
 from medvl_engine.transport.messages import RolloutError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +58,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--max-prompts", type=int, default=None,
                         help="stop after this many stream positions (default: cycle over the data forever)")
+    parser.add_argument("--shard-index", type=int, default=0,
+                        help="this worker's share of the prompt stream, of --num-shards (default: 0)")
+    parser.add_argument("--num-shards", type=int, default=1,
+                        help="data-parallel workers splitting the prompt stream (default: 1)")
     parser.add_argument("--shuffle-seed", type=int, default=None, help="shuffle each epoch with this seed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed; position k samples with a seed derived from it and k (default: 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="hf backend: torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--max-in-flight", type=int, default=16, help="groups in flight on the backend")
     parser.add_argument("--max-staleness", type=int, default=None, help="off-policy bound k in versions")
     parser.add_argument("--retries", type=int, default=2)
@@ -72,6 +84,11 @@ def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from medvl_engine.transport.channel import GroupSender
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
     samples = _load_samples(args)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens)
@@ -81,7 +98,9 @@ def main(args) -> int:
     worker = RolloutWorker(
         backend, sender, samples, processor, params, max_in_flight=args.max_in_flight,
         max_staleness=args.max_staleness, retries=args.retries, timeout_s=args.timeout_s,
-        max_prompts=args.max_prompts, shuffle_seed=args.shuffle_seed, handshake_timeout_s=args.handshake_timeout_s,
+        max_prompts=args.max_prompts, shuffle_seed=args.shuffle_seed, seed=args.seed,
+        shard=args.shard_index, num_shards=args.num_shards,
+        handshake_timeout_s=args.handshake_timeout_s,
     )
     try:
         sent = asyncio.run(worker.run())
@@ -97,9 +116,11 @@ class RolloutWorker:
     def __init__(self, backend: Backend, sender, samples: Sequence, tokenizer_or_processor, params: SamplingParams,
                  *, max_in_flight: int = 16, max_staleness: int | None = None, retries: int = 2,
                  timeout_s: float | None = None, max_prompts: int | None = None, shuffle_seed: int | None = None,
-                 handshake_timeout_s: float | None = None):
+                 seed: int = 0, shard: int = 0, num_shards: int = 1, handshake_timeout_s: float | None = None):
         if not samples:
             raise ValueError("RolloutWorker: the dataset has no samples")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"RolloutWorker: seed must be an int >= 0, got {seed!r}")
         self.backend = backend
         self.sender = sender
         self.samples = samples
@@ -109,6 +130,8 @@ class RolloutWorker:
                                  timeout_s=timeout_s)
         self.max_prompts = max_prompts
         self.shuffle_seed = shuffle_seed
+        self.seed = seed
+        self.shard, self.num_shards = shard, num_shards
         self.handshake_timeout_s = handshake_timeout_s
         self.stats = None
         self._positions: dict[str, int] = {}
@@ -140,8 +163,11 @@ class RolloutWorker:
         return sent
 
     def _requests(self, start: int) -> Iterator[PromptRequest]:
-        for position, sample in stream_samples(self.samples, start, self.max_prompts, self.shuffle_seed):
-            request = build_request(self.processor, sample, f"{sample.dataset_name}/{sample.dataset_index}@{position}")
+        stream = stream_samples(self.samples, start, self.max_prompts, self.shuffle_seed, shard=self.shard,
+                                num_shards=self.num_shards)
+        for position, global_position, sample in stream:
+            request = build_request(self.processor, sample, f"{sample.dataset_name}/{sample.dataset_index}@{position}",
+                                    seed=derive_seed(self.seed, global_position))
             self._positions[request.prompt_id] = position
             yield request
 
@@ -181,28 +207,37 @@ class RolloutWorker:
         await self.backend.update_weights_from_disk(update.path, update.version)
 
 
-def stream_samples(samples: Sequence, start: int, stop: int | None, shuffle_seed: int | None):
-    """(position, sample) from `start` up to `stop` (None: forever): epoch k // N, sample k mod N."""
+def stream_samples(samples: Sequence, start: int, stop: int | None, shuffle_seed: int | None, *,
+                   shard: int = 0, num_shards: int = 1):
+    """(position, global position, sample) from `start` up to `stop` (None: forever).
+
+    Data-parallel workers split one global stream: position k of shard i is global position
+    g = k * num_shards + i, which is sample g mod N of epoch g // N (in dataset order, or shuffled per
+    epoch with `shuffle_seed`), so W workers never answer the same prompt of an epoch twice."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
     position, order, order_epoch = start, None, -1
     while stop is None or position < stop:
-        epoch, index = divmod(position, len(samples))
+        global_position = position * num_shards + shard
+        epoch, index = divmod(global_position, len(samples))
         if epoch != order_epoch:
             order = list(range(len(samples)))
             if shuffle_seed is not None:
                 random.Random(shuffle_seed * 1_000_003 + epoch).shuffle(order)
             order_epoch = epoch
-        yield position, samples[order[index]]
+        yield position, global_position, samples[order[index]]
         position += 1
 
 
-def build_request(tokenizer_or_processor, sample, prompt_id: str) -> PromptRequest:
-    """The prompt of `sample` as text and token ids (images as one placeholder each), with its images."""
+def build_request(tokenizer_or_processor, sample, prompt_id: str, *, seed: int | None = None) -> PromptRequest:
+    """The prompt of `sample` as text and token ids (images as one placeholder each), with its images and seed."""
     from medvl_engine.prompts import render_prompt
 
     text = render_prompt(tokenizer_or_processor, sample)
     tokenizer = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return PromptRequest(prompt_id, input_ids=input_ids, text=text, images=list(sample.images), sample=sample)
+    return PromptRequest(prompt_id, input_ids=input_ids, text=text, images=list(sample.images), sample=sample,
+                         seed=seed)
 
 
 def load_processor(path: str):

@@ -16,6 +16,7 @@ from tiny_models import byte_tokenizer, image_only_qwen2_5_vl_processor, qwen_to
 
 from medvl_engine.rollout.backend import make_backend
 from medvl_engine.rollout.hf_backend import HFBackend
+from medvl_engine.rollout.hf_sampler import RequestSampler
 from medvl_engine.rollout.types import PromptRequest, SamplingParams
 
 
@@ -240,3 +241,55 @@ def _mm_types(inputs, answer_ids) -> torch.Tensor | None:
     if types is None:
         return None
     return torch.cat([types, torch.zeros((1, len(answer_ids)), dtype=types.dtype)], dim=1)
+
+
+def test_a_seeded_request_draws_the_same_answers_alone_or_batched_with_others(text_setup):
+    tokenizer, model = text_setup
+    backend = HFBackend(model, tokenizer, max_batch=16)
+    shared = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=99)
+    target = PromptRequest("t", input_ids=chat_ids(tokenizer, "Which nerve?"), seed=2024)
+    others = [PromptRequest(f"o{i}", input_ids=chat_ids(tokenizer, "Another, longer question " * (i + 1)), seed=i)
+              for i in range(3)]
+
+    async def scenario():
+        alone = await backend.generate(target, shared)
+        batched = await asyncio.gather(*(backend.generate(r, shared) for r in [*others, target]))
+        other_seed = await backend.generate(PromptRequest("t", input_ids=target.input_ids, seed=7), shared)
+        params_seed = await backend.generate(PromptRequest("t", input_ids=target.input_ids), shared)
+        await backend.shutdown()
+        return alone, batched, other_seed, params_seed
+
+    alone, batched, other_seed, params_seed = run(scenario())
+    assert backend.max_batch >= 4 * shared.n  # the four requests shared one generate call
+    for a, b in zip(alone, batched[-1]):
+        assert np.array_equal(a.token_ids, b.token_ids)
+        # Same draws; the logits of a wider, padded batch round differently in the last bits.
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    answers = {tuple(c.token_ids.tolist()) for c in alone}
+    assert answers.isdisjoint({tuple(c.token_ids.tolist()) for c in other_seed})
+    assert answers.isdisjoint({tuple(c.token_ids.tolist()) for c in params_seed})
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, -1, 1.0), (0.5, 3, 1.0), (2.0, -1, 0.6)])
+def test_request_sampler_draws_from_the_warped_distribution(temperature, top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.tensor([[2.0, 1.5, 0.5, 0.0, -1.0, -3.0]])
+    expected = logits / temperature
+    if top_k != -1:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    expected = torch.softmax(expected, dim=-1)[0].numpy()
+    rows = 20_000
+    sampler = RequestSampler([rows // 2, rows // 2], [torch.Generator().manual_seed(s) for s in (1, 2)],
+                             temperature=temperature, top_k=top_k, top_p=top_p)
+    forced = sampler(None, logits.expand(rows, -1).clone())
+    chosen = forced.argmax(-1)
+    assert torch.all(forced.isinf().sum(-1) == logits.shape[1] - 1)  # one finite entry per row: the choice
+    freq = np.bincount(chosen.numpy(), minlength=logits.shape[1]) / rows
+    assert np.all(freq[expected == 0] == 0)  # nothing outside top-k / top-p
+    # Binomial std of a frequency over 20k draws is <= 0.0036: 5 sigma is 0.018.
+    np.testing.assert_allclose(freq, expected, atol=0.018)
+    logp = torch.log_softmax(logits / temperature, -1)[0]
+    np.testing.assert_allclose(sampler.logprobs()[:, 0].numpy(), logp[chosen].numpy(), rtol=1e-6)

@@ -14,6 +14,7 @@ import ast
 import asyncio
 import importlib.util
 import inspect
+from dataclasses import replace
 from functools import cache, lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -244,6 +245,17 @@ def test_generate_kwargs_match_the_installed_sglang():
     assert set(kwargs) <= allowed
     assert "prompt" in allowed  # the text form
     assert set(sampling_params_for(PARAMS)) <= sampling_param_fields()
+
+
+def test_a_requests_own_seed_overrides_the_shared_one():
+    own = generate_kwargs(PromptRequest("q", input_ids=[1], seed=12345), PARAMS)["sampling_params"]
+    shared = generate_kwargs(PromptRequest("q", input_ids=[1]), PARAMS)["sampling_params"]
+    unseeded = replace(PARAMS, seed=None)
+    only_own = generate_kwargs(PromptRequest("q", input_ids=[1], seed=0), unseeded)["sampling_params"]
+    assert own["sampling_seed"] == 12345 and shared["sampling_seed"] == 7 and only_own["sampling_seed"] == 0
+    assert "sampling_seed" in sampling_param_fields()
+    with pytest.raises(ValueError, match="seed must be None or an int >= 0"):
+        PromptRequest("q", input_ids=[1], seed=-1)
 
 
 # -- weights, memory, pause ------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """The rollout-worker command end to end: real worker processes (supervised by WorkerProcess) generating
 with a tiny random model, streaming to a GroupReceiver in this process over ipc://, loading announced
-weights from disk, and resuming exactly where the learner stands after being killed.
+weights from disk, and resuming exactly where the learner stands after being killed. And, in-process,
+that a worker restarted at position k regenerates the groups the uninterrupted run had there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,9 +17,11 @@ from tiny_models import byte_tokenizer, tiny_llama
 
 from medvl_engine.data import load_bundled
 from medvl_engine.prompts import render_prompt
+from medvl_engine.rollout.hf_backend import HFBackend
 from medvl_engine.rollout.launcher import WorkerDied, WorkerProcess
-from medvl_engine.rollout.worker import stream_samples
-from medvl_engine.transport.channel import GroupReceiver
+from medvl_engine.rollout.types import SamplingParams
+from medvl_engine.rollout.worker import RolloutWorker, stream_samples
+from medvl_engine.transport.channel import GroupReceiver, GroupSender
 from medvl_engine.transport.messages import RolloutGroup, WeightVersion
 
 
@@ -65,7 +70,7 @@ def test_worker_streams_groups_applies_weights_and_resumes_after_a_kill(policy_d
         messages = first + rest
         assert [m.seq for m in messages] == list(range(8))
         assert all(isinstance(m, RolloutGroup) and m.n == 3 and m.producer == "w0" for m in messages)
-        for m, (position, sample) in zip(messages, stream_samples(text_samples, 0, 8, None)):
+        for m, (position, _, sample) in zip(messages, stream_samples(text_samples, 0, 8, None)):
             assert m.prompt_id == f"{sample.dataset_name}/{sample.dataset_index}@{position}"
             assert m.dataset_index == sample.dataset_index and m.answer_label == sample.answer_label
             prompt = tokenizer(render_prompt(tokenizer, sample), add_special_tokens=False)["input_ids"]
@@ -114,3 +119,71 @@ def test_worker_process_restarts_a_crash_then_finishes(tmp_path):
     worker.start()
     assert worker.wait(timeout=30, interval_s=0.05) == 0
     assert worker.restarts == 1 and worker.exit_codes == [1]
+
+
+def stream_from(position: int, stop: int, endpoint: str, model, tokenizer, samples, *, seed: int,
+                max_in_flight: int, max_batch: int) -> list:
+    """Run a RolloutWorker whose learner stands at `position` (a receiver thread plays the learner)."""
+    receiver = GroupReceiver(endpoint, credits=4, start_seqs={"w0": position})
+    messages: list = []
+
+    def learner():
+        while len(messages) < stop - position:
+            messages.append(receiver.recv(timeout=60))
+
+    thread = threading.Thread(target=learner)
+    thread.start()
+    sender = GroupSender(receiver.endpoint, "w0")
+    try:
+        worker = RolloutWorker(HFBackend(model, tokenizer, max_batch=max_batch), sender, samples, tokenizer,
+                               SamplingParams(n=3, temperature=1.0, max_new_tokens=8), max_in_flight=max_in_flight,
+                               max_prompts=stop, seed=seed, handshake_timeout_s=30)
+        assert asyncio.run(asyncio.wait_for(worker.run(), 120)) == stop - position
+    finally:
+        thread.join(60)
+        sender.close()
+        receiver.close()
+    assert [m.seq for m in messages] == list(range(position, stop))
+    return messages
+
+
+def test_a_worker_restarted_at_position_k_regenerates_the_same_groups(tmp_path):
+    tokenizer = byte_tokenizer()
+    model = tiny_llama(tokenizer, seed=3)
+    samples = [s for s in load_bundled() if not s.images][:4]  # 6 positions wrap: epoch 1 repeats prompts
+    full = stream_from(0, 6, f"ipc://{tmp_path}/a.sock", model, tokenizer, samples, seed=5, max_in_flight=2,
+                       max_batch=6)
+    # Resumed at 3, with other batches (one generate call holds up to 3 groups instead of 2).
+    resumed = stream_from(3, 6, f"ipc://{tmp_path}/b.sock", model, tokenizer, samples, seed=5, max_in_flight=3,
+                          max_batch=9)
+    reseeded = stream_from(3, 6, f"ipc://{tmp_path}/c.sock", model, tokenizer, samples, seed=6, max_in_flight=3,
+                           max_batch=9)
+    for before, after, other in zip(full[3:], resumed, reseeded):
+        assert before.prompt_id == after.prompt_id
+        for k in range(before.n):
+            assert before.response_array(k).tolist() == after.response_array(k).tolist()
+            # The same draws; only the float rounding of a differently shaped batch differs.
+            np.testing.assert_allclose(before.logprob_array(k), after.logprob_array(k), atol=1e-5)
+        assert before.texts == after.texts and before.reward_array().tolist() == after.reward_array().tolist()
+        assert [other.response_array(k).tolist() for k in range(3)] != [before.response_array(k).tolist()
+                                                                       for k in range(3)]
+    # Position 4 asks sample 0 again (epoch 1): a new seed, so not the answers of position 0.
+    assert [full[4].response_array(k).tolist() for k in range(3)] != [full[0].response_array(k).tolist()
+                                                                      for k in range(3)]
+
+
+def test_data_parallel_shards_split_each_epoch_without_overlap():
+    samples = list(range(10))  # stream_samples only indexes the sequence
+    shards = [list(stream_samples(samples, 0, 7, shuffle_seed=3, shard=i, num_shards=3)) for i in range(3)]
+    globals_ = sorted(g for shard in shards for _, g, _ in shard)
+    assert globals_ == list(range(21))  # positions 0..6 of 3 shards cover global positions 0..20 once
+    whole = {g: s for _, g, s in stream_samples(samples, 0, 21, shuffle_seed=3)}
+    for i, shard in enumerate(shards):
+        assert [p for p, _, _ in shard] == list(range(7))
+        assert all(g == p * 3 + i and s == whole[g] for p, g, s in shard)
+    epoch0 = [s for shard in shards for _, g, s in shard if g < 10]
+    assert sorted(epoch0) == samples  # one epoch answers every prompt exactly once across the workers
+    # a worker resumed at position 4 continues its own share
+    assert list(stream_samples(samples, 4, 7, shuffle_seed=3, shard=1, num_shards=3)) == shards[1][4:]
+    with pytest.raises(ValueError, match="shard 3"):
+        next(stream_samples(samples, 0, 1, None, shard=3, num_shards=3))
