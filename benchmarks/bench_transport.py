@@ -7,7 +7,9 @@ Realistic GRPO groups (8 answers of 512-4096 tokens, int32 token ids and float32
 - `mp-queue`: a multiprocessing queue pickling the same groups as dicts of numpy arrays.
 Groups/s and MB/s (bytes of the encoded message, the same per group for every method) are the median of
 `--repeats` rounds (each round runs every method once), timed at the consumer from the `--warmup`-th group
-to the last.
+to the last. `consumer_cpu_us` is the consumer process's CPU time per group (its ZeroMQ I/O thread included):
+on a shared machine it moves far less with other processes' load than the wall-clock rates do, and the
+1-minute load average is recorded with every row.
 
 Run: python benchmarks/bench_transport.py [--groups 3000] [--credits 32] [--out bench_transport.jsonl]
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import time
@@ -99,17 +102,18 @@ def produce_queue(queue, total: int, shape: tuple) -> None:
 # ------------------------------------------------------------------------------------ consumers (timed)
 
 
-def timed(next_group, total: int, warmup: int) -> float:
-    """Seconds to take groups warmup..total-1, after the first `warmup` (start-up, connection) arrived."""
+def timed(next_group, total: int, warmup: int) -> tuple[float, float]:
+    """Wall seconds and consumer CPU seconds (every thread of this process, ZeroMQ's I/O thread included) to
+    take groups warmup..total-1, after the first `warmup` (start-up, connection) arrived."""
     for _ in range(warmup):
         next_group()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(total - warmup):
         next_group()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_channel(endpoint: str, total: int, warmup: int, shape: tuple, credits: int, spawn) -> float:
+def run_channel(endpoint: str, total: int, warmup: int, shape: tuple, credits: int, spawn) -> tuple[float, float]:
     with GroupReceiver(endpoint, credits=credits) as receiver:
         proc = spawn.Process(target=produce_channel, args=(receiver.endpoint, total, shape))
         proc.start()
@@ -118,7 +122,7 @@ def run_channel(endpoint: str, total: int, warmup: int, shape: tuple, credits: i
     return seconds
 
 
-def run_push(endpoint: str, total: int, warmup: int, shape: tuple, spawn) -> float:
+def run_push(endpoint: str, total: int, warmup: int, shape: tuple, spawn) -> tuple[float, float]:
     context = zmq.Context()
     sock = context.socket(zmq.PULL)
     sock.bind(endpoint)
@@ -131,7 +135,7 @@ def run_push(endpoint: str, total: int, warmup: int, shape: tuple, spawn) -> flo
     return seconds
 
 
-def run_queue(total: int, warmup: int, shape: tuple, spawn) -> float:
+def run_queue(total: int, warmup: int, shape: tuple, spawn) -> tuple[float, float]:
     queue = spawn.Queue(maxsize=64)
     proc = spawn.Process(target=produce_queue, args=(queue, total, shape))
     proc.start()
@@ -175,20 +179,24 @@ def main() -> int:
         for _ in range(args.repeats):
             for case, run in cases.items():
                 times[case].append(run())
-        for (method, link), seconds_per_run in times.items():
-            seconds = statistics.median(seconds_per_run)
+        load = os.getloadavg()[0]  # other processes' share of the cores, which the timings cannot see
+        for (method, link), runs in times.items():
+            seconds = statistics.median(wall for wall, _ in runs)
+            consumer_cpu = statistics.median(cpu for _, cpu in runs)
             rate = (args.groups - args.warmup) / seconds
             rows.append({"bench": "transport", "method": method, "link": link, "groups": args.groups,
                          "answers": args.answers, "mean_answer_tokens": tokens / args.answers,
                          "message_kb": message_bytes / 1e3, "credits": args.credits if method == "channel" else "",
-                         "groups_per_s": rate, "mb_per_s": rate * message_bytes / 1e6})
+                         "groups_per_s": rate, "mb_per_s": rate * message_bytes / 1e6,
+                         "consumer_cpu_us": consumer_cpu / (args.groups - args.warmup) * 1e6, "load_avg_1m": load})
     by_key = {(r["method"], r["link"]): r for r in rows}
     for row in rows:
         same_link = "ipc" if row["link"] == "pipe" else row["link"]  # the queue is compared with local ipc
         row["vs_zmq_push"] = row["groups_per_s"] / by_key[("zmq-push", same_link)]["groups_per_s"]
         row["vs_mp_queue"] = row["groups_per_s"] / by_key[("mp-queue", "pipe")]["groups_per_s"]
     print(format_table(rows, ["method", "link", "message_kb", "groups_per_s", "mb_per_s", "vs_zmq_push",
-                              "vs_mp_queue"]))
+                              "vs_mp_queue", "consumer_cpu_us"]))
+    print(f"load average (1 min) at the end: {rows[0]['load_avg_1m']:.2f} on {os.cpu_count()} cores")
     print(f"wrote {write_rows(args.out, rows)}")
     return 0
 

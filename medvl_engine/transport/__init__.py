@@ -15,11 +15,12 @@ from medvl_engine.transport.channel import (
     SequenceGap,
     TransportError,
 )
-from medvl_engine.transport.messages import Credit, Hello, RolloutError, RolloutGroup, WeightVersion
+from medvl_engine.transport.messages import Credit, Goodbye, Hello, RolloutError, RolloutGroup, WeightVersion
 
 __all__ = [
     "AUTO_SEQ",
     "Credit",
+    "Goodbye",
     "GroupReceiver",
     "GroupSender",
     "Hello",

@@ -17,8 +17,11 @@ Protocol (messages in `medvl_engine.transport.messages`):
    and never goes past its limit, so at most `window` (the receiver's `credits=`) of its messages are in
    transit or waiting unconsumed in the receiver: a slow learner bounds the workers' memory.
 4. The receiver grants credit as its application consumes messages: every `credits // 4` messages
-   per producer, and, when it is about to wait for input, to every producer that has used up its
-   credit. Each Credit restates the whole limit, so a dropped or repeated Credit does no harm.
+   per producer, and, before it reads the socket, to every producer that has used up its credit. The
+   sender looks for Credits when its credit runs under a quarter window (and every 8th send). Each
+   Credit restates the whole limit, so a repeated Credit does no harm.
+5. A closing sender sends `Goodbye`, and the receiver answers with a Credit whose `next_seq` says how
+   much of the stream arrived; the sender closes once it is all there (or `linger_s` has passed).
 
 Sequence numbers: the receiver delivers, per producer, 0, 1, 2, ... in order and each once. A message
 below the expected number is a duplicate: dropped and counted (`stats.duplicates`). A message above it
@@ -55,6 +58,7 @@ libzmq without a copy) and are decoded straight from the received frame's buffer
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import time
@@ -67,6 +71,7 @@ import zmq
 
 from medvl_engine.transport.messages import (
     Credit,
+    Goodbye,
     Hello,
     Message,
     RolloutError,
@@ -79,6 +84,7 @@ from medvl_engine.transport.messages import (
 log = logging.getLogger(__name__)
 
 AUTO_SEQ = -1  # a message's `seq` that the sender fills with the stream's next position
+_MAX_WAIT_MS = 2**31 - 1  # ZMQ_RCVTIMEO is an int (ms); a longer timeout waits in several reads
 
 StreamMessage = RolloutGroup | RolloutError
 
@@ -151,6 +157,14 @@ class GroupSender:
         self._linger_ms = int(linger_s * 1000)
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
+        self._next_seq = -1  # unknown until the first Credit
+        self._limit = 0
+        self._arrived = 0  # the receiver has every sequence number below this (the last Credit's next_seq)
+        self._low_credit = 0  # below this much credit left, every send looks for a new Credit first
+        self._consumed = 0  # the receiver's application has taken every sequence number below this
+        self._consumer_version = 0
+        self._weights: WeightVersion | None = None
+        self._new_weights = False
         self._sock = self._context.socket(zmq.DEALER)
         # One routing id per process, stable across TCP reconnects, new after a restart: the receiver
         # tells a restarted producer's leftovers from its new session.
@@ -161,12 +175,6 @@ class GroupSender:
             self.close(linger_s=0)
             raise ValueError(f"GroupSender {producer_id!r}: cannot {'connect to' if connect else 'bind'} "
                              f"{endpoint!r}: {exc}") from exc
-        self._next_seq = -1  # unknown until the first Credit
-        self._limit = 0
-        self._consumed = 0  # the receiver's application has taken every sequence number below this
-        self._consumer_version = 0
-        self._weights: WeightVersion | None = None
-        self._new_weights = False
         # ZeroMQ queues the Hello until the connection is up, so the receiver may start later.
         self._sock.send(encode(Hello(producer=producer_id, pid=os.getpid(), weight_version=weight_version)))
 
@@ -207,13 +215,17 @@ class GroupSender:
                                  f"producer {msg.producer!r}")
             msg.producer = self.producer_id
         deadline = _check_timeout(timeout, f"GroupSender {self.producer_id!r}.send")
-        self.handshake(timeout)
+        if self._next_seq < 0:
+            self.handshake(timeout)
         if msg.seq == AUTO_SEQ:
             msg.seq = self._next_seq
         elif msg.seq != self._next_seq:
             raise ValueError(f"GroupSender {self.producer_id!r}: message {msg.prompt_id!r} has seq {msg.seq} but "
                              f"the stream is at {self._next_seq} (regenerate from next_seq after a restart)")
-        self._drain()
+        # Look for credits and announcements when the credit runs low (below a quarter window; Credits come
+        # every quarter window) or every 8th send, not on every send: each look is a syscall and a zmq.Again.
+        if self._limit - self._next_seq <= self._low_credit or not self.stats.sent & 7:
+            self._drain()
         if self._next_seq >= self._limit:
             started = time.perf_counter()
             self.stats.credit_waits += 1
@@ -240,10 +252,20 @@ class GroupSender:
         return self._weights
 
     def close(self, linger_s: float | None = None) -> None:
-        """Close the socket; messages still queued get `linger_s` seconds (default: the constructor's) to leave."""
+        """Close the socket once the receiver has everything sent, waiting at most `linger_s` seconds
+        (default: the constructor's) for it to say so; then messages still queued are dropped."""
         if self._sock.closed:
             return
-        self._sock.close(linger=self._linger_ms if linger_s is None else int(linger_s * 1000))
+        linger = self._linger_ms / 1000 if linger_s is None else linger_s
+        deadline = time.monotonic() + linger
+        if self._arrived < self._next_seq and linger > 0:
+            self._drain()  # the Credits already here may say it all arrived
+        if self._arrived < self._next_seq and linger > 0:
+            self._sock.send(encode(Goodbye(producer=self.producer_id)))
+            while self._arrived < self._next_seq and time.monotonic() < deadline:
+                if self._sock.poll(_poll_ms(deadline), zmq.POLLIN):
+                    self._drain()
+        self._sock.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
         if self._own_context:
             self._context.term()
 
@@ -286,6 +308,8 @@ class GroupSender:
         # A restarted producer's new session may be told `next_seq` beyond its own position when the
         # dead process's last messages arrive after the Hello: those positions will come as duplicates.
         self._limit = max(self._limit, credit.next_seq + credit.credits)
+        self._arrived = max(self._arrived, credit.next_seq)
+        self._low_credit = credit.window // 4
         self._consumed = max(self._consumed, credit.next_seq + credit.credits - credit.window)
         self._consumer_version = max(self._consumer_version, credit.consumer_version)
 
@@ -370,17 +394,14 @@ class GroupReceiver:
         self._weights: WeightVersion | None = None
         self._received = 0
         self._delivered = 0
+        self._rcvtimeo = -1  # the socket's current RCVTIMEO (ms), set only when a wait needs another
 
     # -- public surface
 
     def recv(self, timeout: float | None = None) -> StreamMessage:
         """The next message; `TimeoutError` when none arrives within `timeout` seconds."""
-        deadline = _check_timeout(timeout, "GroupReceiver.recv")
-        while not self._ready:
-            self._flush_acks()  # before waiting, or a producer at its limit would wait for us forever
-            if not self._sock.poll(_poll_ms(deadline), zmq.POLLIN):
-                raise TimeoutError(f"GroupReceiver on {self.endpoint}: nothing arrived within {timeout} s")
-            self._drain()
+        if not self._ready:
+            self._wait(timeout)
         msg = self._ready.popleft()
         if isinstance(msg, SequenceGap):
             raise msg
@@ -439,24 +460,68 @@ class GroupReceiver:
 
     # -- incoming
 
-    def _drain(self) -> None:
+    def _wait(self, timeout: float | None) -> None:
+        """Take messages off the socket until one is ready to hand out: all that are queued, or else the
+        first to arrive (a blocking read under RCVTIMEO: one call where poll + read would be two)."""
+        deadline = _check_timeout(timeout, "GroupReceiver.recv")
+        while not self._ready:
+            # Before every read, not only before sleeping: a producer at its limit would otherwise wait for
+            # as long as other producers keep the socket busy, and forever once nothing else arrives.
+            self._flush_acks()
+            if self._drain():
+                continue
+            wait_ms = -1 if deadline is None else min(_MAX_WAIT_MS, max(0, math.ceil(
+                (deadline - time.monotonic()) * 1000)))
+            if wait_ms != self._rcvtimeo:
+                self._sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._rcvtimeo = wait_ms
+            try:
+                route = self._sock.recv()
+            except zmq.Again:
+                if deadline is not None and time.monotonic() < deadline:
+                    continue
+                raise TimeoutError(f"GroupReceiver on {self.endpoint}: nothing arrived within {timeout} s") from None
+            self._take(route)
+            self._drain()
+
+    def _drain(self) -> int:
+        """Take every message already queued; how many there were."""
+        taken = 0
         while True:
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                route = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            route = frames[0].bytes
-            if len(frames) != 2:
-                raise ProtocolError(f"GroupReceiver on {self.endpoint}: message of {len(frames) - 1} frames from "
-                                    f"{self._source(route)}, expected 1")
-            msg = _decode(frames[1], self._source(route))
-            if isinstance(msg, (RolloutGroup, RolloutError)):
-                self._accept(route, msg)
-            elif isinstance(msg, Hello):
-                self._hello(route, msg)
-            else:
-                raise ProtocolError(f"GroupReceiver on {self.endpoint}: unexpected {type(msg).__name__} from "
-                                    f"{self._source(route)}")
+                return taken
+            self._take(route)
+            taken += 1
+
+    def _take(self, route: bytes) -> None:
+        # The rest of a multipart message is queued with its first frame, so this read never waits.
+        frame = self._sock.recv(copy=False)
+        if frame.more:
+            extra = 1
+            while self._sock.getsockopt(zmq.RCVMORE):
+                self._sock.recv(copy=False)
+                extra += 1
+            raise ProtocolError(f"GroupReceiver on {self.endpoint}: message of {1 + extra} frames from "
+                                f"{self._source(route)}, expected 1")
+        self._dispatch(route, frame)
+
+    def _dispatch(self, route: bytes, frame: zmq.Frame) -> None:
+        try:
+            msg = decode(frame.buffer)
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"undecodable message ({len(frame.buffer)} bytes) from {self._source(route)}: "
+                                f"{exc}") from exc
+        if isinstance(msg, (RolloutGroup, RolloutError)):
+            self._accept(route, msg)
+        elif isinstance(msg, Hello):
+            self._hello(route, msg)
+        elif isinstance(msg, Goodbye):
+            self._goodbye(route, msg)
+        else:
+            raise ProtocolError(f"GroupReceiver on {self.endpoint}: unexpected {type(msg).__name__} from "
+                                f"{self._source(route)}")
 
     def _source(self, route: bytes) -> str:
         return f"session {route.decode(errors='replace')!r}"
@@ -482,6 +547,22 @@ class GroupReceiver:
         self._send_credit(state)
         if self._weights is not None:
             self._sock.send_multipart([route, encode(self._weights)])
+
+    def _goodbye(self, route: bytes, goodbye: Goodbye) -> None:
+        state = self._routes.get(route)
+        if state is None:
+            # A session we never heard from: what it sent went to a receiver before us, which we cannot vouch for.
+            log.warning("Goodbye from %s (producer %r), which sent nothing here", self._source(route), goodbye.producer)
+            return
+        if state.producer != goodbye.producer:
+            raise ProtocolError(f"GroupReceiver: {self._source(route)} of producer {state.producer!r} said Goodbye "
+                                f"as {goodbye.producer!r}")
+        # Sent on the closing session's route (not state.route, which a restarted process may own by now).
+        credit = Credit(producer=state.producer, credits=max(0, state.granted - state.next_seq),
+                        next_seq=state.next_seq, window=self._credits,
+                        consumer_version=0 if self._weights is None else self._weights.version)
+        self._sock.send(route, zmq.SNDMORE)
+        self._sock.send(encode(credit))
 
     def _accept(self, route: bytes, msg: StreamMessage) -> None:
         state = self._routes.get(route)
@@ -520,7 +601,8 @@ class GroupReceiver:
         credit = Credit(producer=state.producer, credits=max(0, limit - state.next_seq), next_seq=state.next_seq,
                         consumer_version=0 if self._weights is None else self._weights.version,
                         window=self._credits)
-        self._sock.send_multipart([state.route, encode(credit)])
+        self._sock.send(state.route, zmq.SNDMORE)
+        self._sock.send(encode(credit))
 
     def _flush_acks(self) -> None:
         # Only producers that have used up their credit wait for it; the others still have messages on

@@ -7,7 +7,8 @@ header, and decoding it is a memcpy plus `np.frombuffer`, not 32k Python ints.
 Flow: a producer (rollout worker) sends `Hello`; the consumer answers with `Credit` (how many more
 groups it may send, and the sequence number it expects next, so a restarted producer resumes where
 the consumer is); the producer sends `RolloutGroup`s and `RolloutError`s numbered by `seq`;
-`WeightVersion` announces new policy weights from the learner to the workers.
+`WeightVersion` announces new policy weights from the learner to the workers; a closing producer sends
+`Goodbye` and waits for the Credit that answers it, whose `next_seq` says everything arrived.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ class Credit(msgspec.Struct, tag="credit"):
     next_seq: int
     consumer_version: int = 0
     window: int = 0
+
+
+class Goodbye(msgspec.Struct, tag="goodbye"):
+    """Producer -> consumer: the producer is closing. The consumer answers with a Credit, and the producer
+    closes its socket once that Credit's `next_seq` covers everything it sent: closing a TCP socket with
+    a Credit unread in it resets the connection, and the reset discards what the consumer's kernel still
+    held of the stream (~17 groups of 150 KB were lost that way on loopback)."""
+
+    producer: str
 
 
 class WeightVersion(msgspec.Struct, tag="weights"):
@@ -154,7 +164,7 @@ def _buffer(values, dtype) -> bytes:
     return np.ascontiguousarray(np.asarray(values), dtype=dtype).tobytes()
 
 
-Message = Hello | Credit | WeightVersion | RolloutError | RolloutGroup
+Message = Hello | Credit | Goodbye | WeightVersion | RolloutError | RolloutGroup
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

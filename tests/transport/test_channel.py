@@ -7,6 +7,8 @@ GroupSender never would (a repeated or skipped sequence number, undecodable byte
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 import zmq
@@ -104,6 +106,27 @@ def test_sender_blocks_at_its_credit_and_resumes_when_consumed(receiver, connect
     assert sender.stats.max_outstanding == 4 and sender.stats.credit_waits >= 1
     assert [receiver.recv(timeout=5).seq for _ in range(4)] == [1, 2, 3, 4]
     sender.close()
+
+
+def test_close_waits_until_the_receiver_has_everything(receiver, connect):
+    """Closing a TCP socket with a Credit unread in it resets the connection, and the reset drops what the
+    receiver's kernel still held of the stream; so a closing sender says Goodbye and waits for the Credit
+    that answers it (the receiver answers whenever it reads its socket), or for `linger_s`."""
+    sender = connect(receiver)
+    for _ in range(3):
+        sender.send(group(), timeout=1)
+    closer = threading.Thread(target=sender.close, kwargs={"linger_s": 10})
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()  # the receiver has not read since: nothing is confirmed yet
+    assert [receiver.recv(timeout=5).seq for _ in range(3)] == [0, 1, 2]
+    closer.join(5)
+    assert not closer.is_alive()
+    unanswered = connect(receiver, "w1")
+    unanswered.send(group(), timeout=1)
+    started = time.monotonic()
+    unanswered.close(linger_s=0.3)  # nobody reads the Goodbye: the wait ends at linger_s
+    assert 0.25 <= time.monotonic() - started < 3
 
 
 def test_wrong_position_or_producer_is_refused(receiver, connect):
