@@ -95,7 +95,7 @@ class DataConfig:
 class RolloutConfig:
     """How answers are sampled and how new weights reach the samplers."""
 
-    backend: Literal["hf", "sglang", "vllm"] = param("hf", "rollout backend of the workers")
+    backend: Literal["hf", "sglang"] = param("hf", "rollout backend of the workers")
     n: int = param(8, "answers per question (the GRPO group size)")
     temperature: float = param(1.0, "sampling temperature")
     top_p: float = param(1.0, "nucleus sampling")
