@@ -19,7 +19,7 @@ import triton.language as tl
 
 from medvl_engine.kernels.dispatch import bf16_by_bits, block_size, launchable, resolve_impl
 from medvl_engine.kernels.reference import linear_token_logprobs_reference
-from medvl_engine.kernels.token_logprobs import check_float_dtype, check_token_inputs
+from medvl_engine.kernels.token_logprobs import _grad_of_logits, check_float_dtype, check_token_inputs
 
 DEFAULT_CHUNK = 4096
 
@@ -81,19 +81,9 @@ def _linear_token_logprobs_bwd_kernel(tile_ptr, tile_stride, tile_cols, vocab_st
     for start in range(0, tile_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(tile_row + cols, mask=cols < limit, other=float("-inf")).to(tl.float32) / temperature
-        log_q = z - lse
-        p = tl.exp(log_q)
-        dz = g_logp * (tl.where(cols == local, 1.0, 0.0) - p)
-        if HAS_GRAD_ENTROPY:
-            dz -= g_entropy * p * tl.where(p > 0, log_q + entropy, 0.0)
-        dz = tl.where(active, dz / temperature, 0.0)
+        out = _grad_of_logits(z, lse, cols == local, active, g_logp, g_entropy, entropy, temperature,
+                              tile_ptr.dtype.element_ty, HAS_GRAD_ENTROPY, BF16_RNE)
         # In place: each element is read and then overwritten by the same program.
-        if BF16_RNE:
-            bits = dz.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            out = dz.to(tile_ptr.dtype.element_ty)
         tl.store(tile_row + cols, out, mask=cols < tile_cols)
 
 

@@ -62,6 +62,26 @@ def _token_logprobs_fwd_kernel(logits_ptr, tokens_ptr, logp_ptr, entropy_ptr, ls
 
 
 @triton.jit
+def _grad_of_logits(z, lse, is_token, active, g_logp, g_entropy, entropy, temperature, out_dtype: tl.constexpr,
+                    HAS_GRAD_ENTROPY: tl.constexpr, BF16_RNE: tl.constexpr):
+    """Gradient w.r.t. one block of logits (z = logits / temperature, float32), cast to the logits' dtype;
+    shared by the backward of token_logprobs and of linear_token_logprobs."""
+    log_q = z - lse
+    p = tl.exp(log_q)
+    # d logp / dz_j = [j == token] - p_j ; d entropy / dz_j = -p_j (log p_j + entropy)
+    dz = g_logp * (tl.where(is_token, 1.0, 0.0) - p)
+    if HAS_GRAD_ENTROPY:
+        dz -= g_entropy * p * tl.where(p > 0, log_q + entropy, 0.0)
+    dz = tl.where(active, dz / temperature, 0.0)
+    if BF16_RNE:
+        # The CPU interpreter truncates float32 -> bf16; round to nearest even with integer arithmetic.
+        bits = dz.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return dz.to(out_dtype)
+
+
+@triton.jit
 def _token_logprobs_bwd_kernel(logits_ptr, tokens_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
                                grad_ptr, rows_per_batch, stride_batch, stride_row, vocab, temperature,
                                HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BF16_RNE: tl.constexpr,
@@ -85,19 +105,8 @@ def _token_logprobs_bwd_kernel(logits_ptr, tokens_ptr, lse_ptr, entropy_ptr, gra
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < vocab
         z = tl.load(row_ptr + cols, mask=cols < limit, other=float("-inf")).to(tl.float32) / temperature
-        log_q = z - lse
-        p = tl.exp(log_q)
-        # d logp / dz_j = [j == token] - p_j ; d entropy / dz_j = -p_j (log p_j + entropy)
-        dz = g_logp * (tl.where(cols == token, 1.0, 0.0) - p)
-        if HAS_GRAD_ENTROPY:
-            dz -= g_entropy * p * tl.where(p > 0, log_q + entropy, 0.0)
-        dz = tl.where(active, dz / temperature, 0.0)
-        if BF16_RNE:
-            bits = dz.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            out = dz.to(grad_ptr.dtype.element_ty)
+        out = _grad_of_logits(z, lse, cols == token, active, g_logp, g_entropy, entropy, temperature,
+                              grad_ptr.dtype.element_ty, HAS_GRAD_ENTROPY, BF16_RNE)
         tl.store(grad_row_ptr + cols, out, mask=in_row)
 
 
