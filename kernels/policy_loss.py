@@ -1,12 +1,12 @@
-"""The PPO clipped policy loss with a KL penalty, forward and backward in one read of the inputs.
+"""The PPO clipped policy loss (with dual-clip) and a KL penalty, forward and backward in one read of the inputs.
 
 One program per (sequence, block of tokens) reads logp, old_logp, advantages, mask (and ref_logp)
-once, and writes the derivative of each token's loss w.r.t. logp (float32 [B, T]) plus six partial
-sums per block: loss, mask weight, clipped tokens, ratio, k1 and KL. A few [B]-sized tensor ops turn
-the partial sums into the aggregated loss and the metrics, with no host synchronisation, and the
-backward is one elementwise pass that scales the stored derivative by each sequence's aggregation
-weight. Definitions (clip-higher, the +-20 and +-10 clamps of low_var_kl, verl's agg_loss modes) are
-those of `reference.policy_loss_reference`.
+once, and writes the derivative of each token's loss w.r.t. logp (float32 [B, T]) plus seven partial
+sums per block: loss, mask weight, clipped tokens, dual-clipped tokens, ratio, k1 and KL. A few
+[B]-sized tensor ops turn the partial sums into the aggregated loss and the metrics, with no host
+synchronisation, and the backward is one elementwise pass that scales the stored derivative by each
+sequence's aggregation weight. Definitions (clip-higher, dual-clip, the +-20 and +-10 clamps of
+low_var_kl, verl's agg_loss modes) are those of `reference.policy_loss_reference`.
 """
 
 from __future__ import annotations
@@ -18,18 +18,26 @@ import triton
 import triton.language as tl
 
 from medvl_engine.kernels.dispatch import bf16_by_bits, block_size, launchable, resolve_impl
-from medvl_engine.kernels.reference import AGG_MODES, KL_TYPES, MASKED_MEAN_EPS, policy_loss_reference
+from medvl_engine.kernels.reference import (
+    AGG_MODES,
+    DUAL_CLIP_RATIO,
+    KL_TYPES,
+    MASKED_MEAN_EPS,
+    dual_clip_enabled,
+    policy_loss_reference,
+)
 
 _KL_CODES = {"low_var_kl": 0, "k1": 1, "k2": 2}
-_SUMS = 6  # loss, mask weight, clipped, ratio, k1 (old - new), kl
-METRIC_NAMES = ("clip_frac", "ratio_mean", "approx_kl", "kl")
+_SUMS = 7  # loss, mask weight, clipped, dual-clipped, ratio, k1 (old - new), kl
+METRIC_NAMES = ("clip_frac", "dual_clip_frac", "ratio_mean", "approx_kl", "kl")
 
 
 @triton.jit
 def _policy_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, dloss_ptr, partial_ptr, seq_len,
                             s_logp_b, s_logp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_mask_b, s_mask_t,
-                            s_ref_b, s_ref_t, clip_low, clip_high, kl_coef,
-                            HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr, BLOCK_T: tl.constexpr):
+                            s_ref_b, s_ref_t, clip_low, clip_high, clip_ratio_c, kl_coef,
+                            DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
+                            BLOCK_T: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -47,6 +55,14 @@ def _policy_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, dloss
     loss = tl.maximum(pg1, pg2)
     # The clamp passes no gradient when pg2 wins; inside the band pg1 == pg2 and both carry -A * ratio.
     dloss = tl.where((pg1 >= pg2) & in_range, -adv * ratio, 0.0)
+    dual_weight = tl.zeros([BLOCK_T], tl.float32)
+    if DUAL_CLIP:
+        # A < 0: the loss is capped at the constant -A * c, which passes no gradient.
+        cap = -adv * clip_ratio_c
+        dual = (adv < 0) & (loss > cap)
+        loss = tl.where(dual, cap, loss)
+        dloss = tl.where(dual, 0.0, dloss)
+        dual_weight = tl.where(on & dual, weight, 0.0)
     kl = tl.zeros([BLOCK_T], tl.float32)
     if HAS_REF:
         ref = tl.load(ref_ptr + b * s_ref_b + t * s_ref_t, mask=valid, other=0.0).to(tl.float32)
@@ -66,13 +82,14 @@ def _policy_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, dloss
         loss += kl_coef * kl
         dloss += kl_coef * dkl
     tl.store(dloss_ptr + b * seq_len + t, tl.where(on, dloss * weight, 0.0), mask=valid)
-    out = partial_ptr + (b * tl.num_programs(1) + blk) * 6
+    out = partial_ptr + (b * tl.num_programs(1) + blk) * 7
     tl.store(out + 0, tl.sum(tl.where(on, loss * weight, 0.0), axis=0))
     tl.store(out + 1, tl.sum(weight, axis=0))
     tl.store(out + 2, tl.sum(tl.where(on & (pg2 > pg1), weight, 0.0), axis=0))
-    tl.store(out + 3, tl.sum(tl.where(on, ratio * weight, 0.0), axis=0))
-    tl.store(out + 4, tl.sum(tl.where(on, -log_ratio * weight, 0.0), axis=0))
-    tl.store(out + 5, tl.sum(tl.where(on, kl * weight, 0.0), axis=0))
+    tl.store(out + 3, tl.sum(dual_weight, axis=0))
+    tl.store(out + 4, tl.sum(tl.where(on, ratio * weight, 0.0), axis=0))
+    tl.store(out + 5, tl.sum(tl.where(on, -log_ratio * weight, 0.0), axis=0))
+    tl.store(out + 6, tl.sum(tl.where(on, kl * weight, 0.0), axis=0))
 
 
 @triton.jit
@@ -102,8 +119,12 @@ def _aggregation_weights(row_loss_weight: torch.Tensor, seq_len: int, agg: str) 
     return torch.where(present, 1.0 / ((row_loss_weight + MASKED_MEAN_EPS) * sequences), 0.0)
 
 
-def policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, kl_coef, kl_type, agg):
-    """Launch the forward kernel: (loss 0-dim, metric sums [4] / weight, per-token dloss [B, T], weights [B])."""
+def policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, clip_ratio_c, kl_coef,
+                        kl_type, agg):
+    """Launch the forward kernel: (loss 0-dim, metric sums [5] / weight, per-token dloss [B, T], weights [B]).
+
+    clip_ratio_c None or inf turns dual-clip off (then the kernel is compiled without it).
+    """
     rows, seq_len = logp.shape
     device = logp.device
     if advantages.dim() == 1:
@@ -114,19 +135,20 @@ def policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, clip_low, cl
     blocks = triton.cdiv(seq_len, block)
     dloss = torch.empty(rows, seq_len, dtype=torch.float32, device=device)
     partial = torch.zeros(rows, blocks, _SUMS, dtype=torch.float32, device=device)
+    dual_clip = dual_clip_enabled(clip_ratio_c)
     if logp.numel():
         ref = ref_logp if ref_logp is not None else logp
         launchable(_policy_loss_fwd_kernel, device)[(rows, blocks)](
             logp, old_logp, advantages, mask, ref, dloss, partial, seq_len,
             *logp.stride(), *old_logp.stride(), *advantages.stride(), *mask.stride(), *ref.stride(),
-            float(clip_low), float(clip_high), float(kl_coef),
-            HAS_REF=ref_logp is not None, KL_TYPE=_KL_CODES[kl_type], BLOCK_T=block)
+            float(clip_low), float(clip_high), float(clip_ratio_c) if dual_clip else 0.0, float(kl_coef),
+            DUAL_CLIP=dual_clip, HAS_REF=ref_logp is not None, KL_TYPE=_KL_CODES[kl_type], BLOCK_T=block)
     sums = partial.sum(1)
     weights = _aggregation_weights(sums[:, 1], seq_len, agg)
     loss = (weights * sums[:, 0]).sum()
     totals = sums.sum(0)
-    # clip_frac, ratio_mean, approx_kl, kl: token means over the mask, as verl's masked_mean.
-    metrics = totals[[2, 3, 4, 5]] / (totals[1] + MASKED_MEAN_EPS)
+    # clip_frac, dual_clip_frac, ratio_mean, approx_kl, kl: token means over the mask, as verl's masked_mean.
+    metrics = totals[[2, 3, 4, 5, 6]] / (totals[1] + MASKED_MEAN_EPS)
     return loss, metrics, dloss, weights
 
 
@@ -144,12 +166,13 @@ def policy_loss_backward(dloss: torch.Tensor, weights: torch.Tensor, grad_loss: 
 
 
 class PolicyLoss(torch.autograd.Function):
-    """Autograd wrapper: (loss, metrics [4]); gradient flows to logp only."""
+    """Autograd wrapper: (loss, metrics [5]); gradient flows to logp only."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, kl_coef, kl_type, agg):
+    def forward(ctx, logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, clip_ratio_c, kl_coef, kl_type,
+                agg):
         loss, metrics, dloss, weights = policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, clip_low,
-                                                            clip_high, kl_coef, kl_type, agg)
+                                                            clip_high, clip_ratio_c, kl_coef, kl_type, agg)
         ctx.save_for_backward(dloss, weights)
         ctx.logp_dtype = logp.dtype
         ctx.mark_non_differentiable(metrics)
@@ -159,10 +182,11 @@ class PolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_metrics):
         dloss, weights = ctx.saved_tensors
         grad = policy_loss_backward(dloss, weights, grad_loss, ctx.logp_dtype)
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
-def _check(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, kl_coef, kl_type, agg) -> None:
+def _check(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, clip_ratio_c, kl_coef, kl_type,
+           agg) -> None:
     op = "policy_loss"
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2:
         raise ValueError(f"{op}: logp must be a [B, T] tensor, got {getattr(logp, 'shape', type(logp))}")
@@ -180,6 +204,9 @@ def _check(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, kl_c
         raise TypeError(f"{op}: mask must be bool, integer or float, got {mask.dtype}")
     if not (0 <= clip_low < 1 and 0 <= clip_high and math.isfinite(clip_high)):
         raise ValueError(f"{op}: need 0 <= clip_low < 1 and finite clip_high >= 0, got {clip_low}, {clip_high}")
+    if clip_ratio_c is not None and not (clip_ratio_c > 1):  # also refuses NaN; inf is allowed (= off)
+        raise ValueError(f"{op}: clip_ratio_c must be > 1 (dual-clip's cap on the ratio), None or inf (off), "
+                         f"got {clip_ratio_c!r}")
     if not (math.isfinite(kl_coef) and kl_coef >= 0):
         raise ValueError(f"{op}: kl_coef must be finite and >= 0, got {kl_coef!r}")
     if kl_coef > 0 and ref_logp is None:
@@ -192,26 +219,34 @@ def _check(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, kl_c
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 ref_logp: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
-                kl_coef: float = 0.0, kl_type: str = "low_var_kl", agg: str = "token-mean", *,
+                kl_coef: float = 0.0, kl_type: str = "low_var_kl", agg: str = "token-mean",
+                clip_ratio_c: float | None = DUAL_CLIP_RATIO, *,
                 impl: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped policy loss (clip-higher) plus `kl_coef` x KL(policy || reference), aggregated by `agg`.
+    """PPO clipped policy loss (clip-higher, dual-clip) plus `kl_coef` x KL(policy || reference), aggregated by `agg`.
 
     logp, old_logp, ref_logp: [B, T] float; advantages: [B] per sequence or [B, T] per token; mask:
-    [B, T] bool or float weights. Returns `(loss, metrics)`: a 0-dim float32 loss differentiable w.r.t.
-    `logp` only, and detached 0-dim float32 tensors `clip_frac`, `approx_kl` (k1 of old vs current
-    policy, `mean(old_logp - logp)`, verl's ppo_kl), `ratio_mean`, and `kl` (mean KL penalty term
-    against the reference) when `ref_logp` is given; all metrics are means over masked tokens.
+    [B, T] bool or float weights. clip_ratio_c: dual-clip PPO's cap, default 3.0 as verl's
+    `compute_policy_loss`: where A < 0 a token's loss is at most -A * clip_ratio_c (and then passes no
+    gradient); None or inf turns it off (plain clipped PPO); otherwise it must be > 1. The cap bounds
+    the policy-gradient term only; the KL term is added after it, as verl adds its KL loss.
+
+    Returns `(loss, metrics)`: a 0-dim float32 loss differentiable w.r.t. `logp` only, and detached
+    0-dim float32 tensors `clip_frac` (tokens where the clipped term wins, verl's pg_clipfrac),
+    `dual_clip_frac` (tokens with A < 0 where the dual-clip cap binds, verl's pg_clipfrac_lower; 0
+    when dual-clip is off), `approx_kl` (k1 of old vs current policy, `mean(old_logp - logp)`, verl's
+    ppo_kl), `ratio_mean`, and `kl` (mean KL penalty term against the reference) when `ref_logp` is
+    given; all metrics are means over masked tokens.
     """
-    _check(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, kl_coef, kl_type, agg)
+    _check(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, clip_ratio_c, kl_coef, kl_type, agg)
     impl = resolve_impl(impl, logp, old_logp, advantages, mask, ref_logp, op="policy_loss")
     if impl == "torch":
         return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, kl_coef,
-                                     kl_type, agg)
+                                     kl_type, agg, clip_ratio_c)
     if logp.dtype == torch.float64:
         raise TypeError("policy_loss: float64 runs on the reference only: pass impl='torch'")
     loss, values = PolicyLoss.apply(logp, old_logp.detach(), advantages.detach(), mask.detach(),
                                     None if ref_logp is None else ref_logp.detach(), float(clip_low),
-                                    float(clip_high), float(kl_coef), kl_type, agg)
+                                    float(clip_high), clip_ratio_c, float(kl_coef), kl_type, agg)
     metrics = dict(zip(METRIC_NAMES, values.unbind()))
     if ref_logp is None:
         del metrics["kl"]

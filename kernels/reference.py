@@ -6,7 +6,9 @@ definitions follow verl (volcengine/verl, `verl/trainer/ppo/core_algos.py`):
 
 - GRPO advantages use the unbiased std (`torch.std`); a group of one sample has mean 0 and std 1.
 - The PPO ratio is `exp(clamp(logp - old_logp, -20, 20))`; the clipped loss is
-  `max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))`.
+  `max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))`, and with dual-clip (verl's
+  `clip_ratio_c`, 3.0 by default at the commit MedVLThinker pins, 54b2677) a token with A < 0 has
+  `min(that, -A * clip_ratio_c)`.
 - KL penalties: k1 `logp - ref`, k2 `0.5 (logp - ref)^2`, low_var_kl (k3)
   `exp(ref - logp) - (ref - logp) - 1` with `ref - logp` clamped to +-20 and the result to +-10.
 - Aggregation as verl's `agg_loss`.
@@ -27,6 +29,8 @@ LOW_VAR_KL_CLAMP = 10.0
 MASKED_MEAN_EPS = 1e-8
 
 ADVANTAGE_MODES = ("grpo", "drgrpo", "rloo")
+# verl's dual-clip default (`actor.clip_ratio_c` in ppo_trainer.yaml and compute_policy_loss at 54b2677).
+DUAL_CLIP_RATIO = 3.0
 KL_TYPES = ("low_var_kl", "k1", "k2")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -158,12 +162,20 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tens
     return (seq_means * present).sum() / present.sum().clamp_min(1)
 
 
-def policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=None, clip_low=0.2, clip_high=0.2,
-                          kl_coef=0.0, kl_type="low_var_kl", agg="token-mean"):
-    """PPO clipped loss (+ kl_coef * KL to the reference), aggregated; metrics are token means.
+def dual_clip_enabled(clip_ratio_c: float | None) -> bool:
+    """None or inf turns dual-clip off: the cap -A * inf never binds."""
+    return clip_ratio_c is not None and clip_ratio_c != float("inf")
 
-    `approx_kl` is k1 between the old and the current policy, `mean(old_logp - logp)` (verl's ppo_kl);
-    `kl` is the mean of the penalty term against the reference, present only when `ref_logp` is given.
+
+def policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=None, clip_low=0.2, clip_high=0.2,
+                          kl_coef=0.0, kl_type="low_var_kl", agg="token-mean", clip_ratio_c=DUAL_CLIP_RATIO):
+    """PPO clipped loss with dual-clip (+ kl_coef * KL to the reference), aggregated; metrics are token means.
+
+    `clip_frac` counts tokens where the clipped term wins (verl's pg_clipfrac); `dual_clip_frac` those
+    with A < 0 whose loss the cap -A * clip_ratio_c replaces (verl's pg_clipfrac_lower; 0 when
+    `clip_ratio_c` is None or inf); `approx_kl` is k1 between the old and the current policy,
+    `mean(old_logp - logp)` (verl's ppo_kl); `kl` is the mean of the penalty term against the
+    reference, present only when `ref_logp` is given.
     """
     dtype = _compute_dtype(logp)
     lp = logp.to(dtype)
@@ -177,6 +189,12 @@ def policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=None, clip_
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss_mat = torch.maximum(pg1, pg2)
+    dual = torch.zeros_like(loss_mat, dtype=torch.bool)
+    if dual_clip_enabled(clip_ratio_c):
+        cap = -adv * clip_ratio_c
+        # Strictly above the cap (verl's pg_clipfrac_lower uses gt): at a tie the two are equal anyway.
+        dual = (adv < 0) & (loss_mat > cap)
+        loss_mat = torch.where(dual, cap, loss_mat)
     kl = None
     if ref_logp is not None:
         kl = kl_penalty(lp, ref_logp.detach().to(dtype), kl_type)
@@ -185,6 +203,7 @@ def policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=None, clip_
     with torch.no_grad():
         metrics = {
             "clip_frac": masked_mean((pg2 > pg1).to(dtype), m),
+            "dual_clip_frac": masked_mean(dual.to(dtype), m),
             "approx_kl": masked_mean(-log_ratio, m),
             "ratio_mean": masked_mean(ratio, m),
         }

@@ -1,4 +1,5 @@
-"""policy_loss: the fused Triton kernel against the verl-style reference, plus hand-computed values."""
+"""policy_loss: the fused Triton kernel against the verl-style reference, plus hand-computed values and
+an independent transcription of verl's compute_policy_loss (dual-clip)."""
 
 import math
 
@@ -47,7 +48,7 @@ def test_kernel_matches_reference(agg, kl_type, per_token, float_mask):
     r_loss, r_grad, r_metrics = _loss_and_grad("torch", logp, old, adv, mask, **kwargs)
     torch.testing.assert_close(k_loss, r_loss, **TOL)
     torch.testing.assert_close(k_grad, r_grad, **TOL)
-    assert set(k_metrics) == set(r_metrics) == {"clip_frac", "approx_kl", "ratio_mean", "kl"}
+    assert set(k_metrics) == set(r_metrics) == {"clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "kl"}
     for name in r_metrics:
         assert k_metrics[name].dim() == 0 and not k_metrics[name].requires_grad
         torch.testing.assert_close(k_metrics[name], r_metrics[name], **TOL)
@@ -133,3 +134,127 @@ def test_bad_inputs_are_named():
         policy_loss(logp, old, adv, mask, clip_low=1.5)
     with pytest.raises(ValueError, match=r"logp must be a \[B, T\]"):
         policy_loss(logp[0], old[0], adv, mask[0])
+
+
+# -- dual-clip ----------------------------------------------------------------------------------------
+
+
+def _dual_clip_batch(rows=4, seq_len=29, seed=1):
+    """Per-token advantages of both signs and log-ratios ~ N(0, 1): ratio > 3 on about 1 token in 7."""
+    gen = torch.Generator().manual_seed(seed)
+    logp = torch.randn(rows, seq_len, generator=gen) * 0.5 - 1.5
+    old = logp + torch.randn(rows, seq_len, generator=gen)
+    ref = logp + torch.randn(rows, seq_len, generator=gen) * 0.5
+    adv = torch.randn(rows, seq_len, generator=gen)
+    mask = torch.rand(rows, seq_len, generator=gen) > 0.2
+    return logp, old, adv, mask, ref
+
+
+def _verl_policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c,
+                      ref_log_prob, kl_coef):
+    """verl 54b2677's actor loss, step by step as verl writes it: compute_policy_loss (token-mean), then
+    `+ kl_coef * agg_loss(low_var_kl)` as dp_actor adds its KL loss. Returns (loss, pg_clipfrac, pg_clipfrac_lower)."""
+    mask = response_mask.float()
+
+    def masked_mean(values):
+        return (values * mask).sum() / (mask.sum() + 1e-8)
+
+    ratio = torch.exp(log_prob - old_log_prob)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float())
+    pg_losses3 = -advantages * clip_ratio_c
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    pg_clipfrac_lower = masked_mean(torch.gt(clip_pg_losses1, pg_losses3) * (advantages < 0).float())
+    pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
+    kl = ref_log_prob - log_prob
+    kld = torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+    return masked_mean(pg_losses) + kl_coef * masked_mean(kld), pg_clipfrac, pg_clipfrac_lower
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_dual_clip_example(impl):
+    # A = -1, ratio 5, c = 3: verl's loss is capped at -A * c = 3 and passes no gradient; plain PPO
+    # (dual-clip off) gives -A * ratio = 5 with gradient d(ratio)/d(logp) = ratio = 5.
+    old = torch.tensor([[-2.0]])
+    logp = old + math.log(5.0)
+    adv, mask = torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool)
+    loss, grad, metrics = _loss_and_grad(impl, logp, old, adv, mask, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx(3.0, rel=1e-6)
+    assert grad.item() == 0
+    assert metrics["dual_clip_frac"].item() == pytest.approx(1.0) and metrics["clip_frac"].item() == 0
+    for off in (None, math.inf):
+        loss, grad, metrics = _loss_and_grad(impl, logp, old, adv, mask, clip_ratio_c=off)
+        assert loss.item() == pytest.approx(5.0, rel=1e-6)
+        assert grad.item() == pytest.approx(5.0, rel=1e-6)
+        assert metrics["dual_clip_frac"].item() == 0
+
+
+def test_dual_clip_is_the_default():
+    old = torch.tensor([[-2.0]])
+    logp = old + math.log(5.0)
+    loss, _ = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool))
+    assert loss.item() == pytest.approx(3.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("clip_ratio_c", [3.0, 1.5])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_dual_clip_kernel_matches_reference(clip_ratio_c, agg):
+    logp, old, adv, mask, ref = _dual_clip_batch()
+    kwargs = dict(ref_logp=ref, clip_low=0.2, clip_high=0.28, kl_coef=0.05, agg=agg, clip_ratio_c=clip_ratio_c)
+    k_loss, k_grad, k_metrics = _loss_and_grad("triton", logp, old, adv, mask, **kwargs)
+    r_loss, r_grad, r_metrics = _loss_and_grad("torch", logp, old, adv, mask, **kwargs)
+    torch.testing.assert_close(k_loss, r_loss, **TOL)
+    torch.testing.assert_close(k_grad, r_grad, **TOL)
+    for name in r_metrics:
+        torch.testing.assert_close(k_metrics[name], r_metrics[name], **TOL)
+    assert 0.05 < k_metrics["dual_clip_frac"] < 0.5  # the cap binds on some tokens, not all
+    # A capped token passes no gradient from the policy term: only the KL term's is left.
+    _, kl_grad, _ = _loss_and_grad("torch", logp, old, torch.zeros_like(adv), mask, **kwargs)
+    capped = mask & (adv < 0) & ((logp - old).exp() > clip_ratio_c)
+    assert capped.any()
+    torch.testing.assert_close(k_grad[capped], kl_grad[capped], **TOL)
+
+
+@pytest.mark.parametrize("clip_ratio_c", [3.0, 1.5])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_dual_clip_matches_verl_formula(impl, clip_ratio_c):
+    logp, old, adv, mask, ref = _dual_clip_batch(seed=2)
+    x = logp.clone().requires_grad_(True)
+    want, want_clipfrac, want_lower = _verl_policy_loss(old, x, adv, mask, 0.2, 0.28, clip_ratio_c, ref, 0.01)
+    want.backward()
+    loss, grad, metrics = _loss_and_grad(impl, logp, old, adv, mask, ref_logp=ref, clip_low=0.2, clip_high=0.28,
+                                         kl_coef=0.01, clip_ratio_c=clip_ratio_c)
+    assert want_lower > 0
+    torch.testing.assert_close(loss, want.detach(), **TOL)
+    torch.testing.assert_close(grad, x.grad, **TOL)
+    torch.testing.assert_close(metrics["clip_frac"], want_clipfrac, **TOL)
+    torch.testing.assert_close(metrics["dual_clip_frac"], want_lower, **TOL)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_dual_clip_off(impl):
+    logp, old, adv, mask, ref = _dual_clip_batch(seed=3)
+    kwargs = dict(ref_logp=ref, clip_low=0.2, clip_high=0.28, kl_coef=0.05)
+    off = [_loss_and_grad(impl, logp, old, adv, mask, clip_ratio_c=c, **kwargs) for c in (None, math.inf)]
+    on_loss, on_grad, on_metrics = _loss_and_grad(impl, logp, old, adv, mask, clip_ratio_c=3.0, **kwargs)
+    for loss, grad, metrics in off:
+        torch.testing.assert_close(loss, off[0][0], atol=0, rtol=0)
+        torch.testing.assert_close(grad, off[0][1], atol=0, rtol=0)
+        assert metrics["dual_clip_frac"].item() == 0
+        # Without the cap, the loss is larger wherever the cap would have bound.
+        assert loss > on_loss and on_metrics["dual_clip_frac"] > 0
+    # Plain clipped PPO: verl's formula with a cap that never binds.
+    x = logp.clone().requires_grad_(True)
+    want, _, _ = _verl_policy_loss(old, x, adv, mask, 0.2, 0.28, 1e30, ref, 0.05)
+    want.backward()
+    torch.testing.assert_close(off[0][0], want.detach(), **TOL)
+    torch.testing.assert_close(off[0][1], x.grad, **TOL)
+
+
+def test_bad_clip_ratio_c():
+    logp, old, adv, mask, _ = _batch(rows=3, seq_len=4)
+    for bad in (1.0, 0.5, -math.inf, math.nan):
+        with pytest.raises(ValueError, match="clip_ratio_c"):
+            policy_loss(logp, old, adv, mask, clip_ratio_c=bad)
