@@ -8,9 +8,9 @@ benchmarks present):
 - accuracy: a question counts num_correct / num_rollouts (MedVLThinker's `average_num_correct`);
   with n=1 it is plain accuracy;
 - pass@n: a question counts 1 when any of its n answers is correct (n > 1 only);
-- majority@n: a question counts 1 when its most frequent answer is right (n > 1 only); an answer
-  votes with its option letter, or with its parsed text when it maps to no option, and ties go to
-  the answer seen first, as in MedVLThinker's regrader;
+- majority@n: a question counts 1 when its most frequent answer is its answer_label (n > 1 only),
+  by MedVLThinker's rule (`majority_vote`); in reward mode an answer failing the format gate votes
+  for "no answer";
 - no-parse: a question counts the fraction of its answers that map to no option letter (in reward
   mode also every answer failing the format gate).
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,24 @@ class RunScores:
             raise ValueError("pass@n and majority@n exist exactly when num_rollouts > 1")
 
 
+def majority_vote(letters: Sequence[str | None], parsed: Sequence[str]) -> str | None:
+    """The majority answer of one question's rollouts, as MedVLThinker's regrader computes it.
+
+    analysis/regrade_eval_results.py maps each extracted answer to the first option letter it grades
+    equal to, keeps the extracted string itself when it maps to none, and takes
+    `collections.Counter(votes).most_common(1)[0][0]`: votes are compared as raw strings (no strip,
+    no case folding, so "Σ" and "σ" are two answers) and a tie goes to the answer seen first.
+    `letters[i]` is answer i's letter ("" when it maps to no option; None when it must not vote for
+    any letter or text, then all such answers pool into one "no answer" vote), `parsed[i]` its
+    extracted string. The question counts as right when the result equals its answer_label exactly.
+    """
+    if len(letters) != len(parsed) or not letters:
+        raise ValueError(f"majority_vote needs one letter per parsed answer and at least one answer, got "
+                         f"{len(letters)} letters and {len(parsed)} answers")
+    votes = [text if letter == "" else letter for letter, text in zip(letters, parsed)]
+    return Counter(votes).most_common(1)[0][0]
+
+
 def score_run(records: list[dict], mode: str, *, threads: int | None = None) -> RunScores:
     """Score one run's records in one parser mode (`regrade`, `eval` or `reward`)."""
     from medvl_engine.rewards import score
@@ -74,10 +93,11 @@ def score_run(records: list[dict], mode: str, *, threads: int | None = None) -> 
             options.append(record["options"])
     scored = score(responses, answers, labels, options, mode=mode, threads=threads)
     # In reward mode an answer counts only when it also passes the format gate (`correct` alone
-    # ignores the format), and an answer failing the gate yields no letter.
+    # ignores the format), and an answer failing the gate yields no answer (letter None): it cannot
+    # vote for the right letter with its unformatted text.
     if mode == "reward":
         correct = scored.reward > 0
-        letters = [letter if ok else "" for letter, ok in zip(scored.letter, scored.format_ok)]
+        letters = [letter if ok else None for letter, ok in zip(scored.letter, scored.format_ok)]
     else:
         correct = np.asarray(scored.correct, dtype=bool)
         letters = list(scored.letter)
@@ -86,13 +106,11 @@ def score_run(records: list[dict], mode: str, *, threads: int | None = None) -> 
     for q, record in enumerate(records):
         span = slice(q * n, (q + 1) * n)
         hits = int(correct[span].sum())
-        votes = Counter(letter.upper() if letter else text.strip().lower()
-                        for letter, text in zip(letters[span], scored.parsed[span]))
-        winner = votes.most_common(1)[0][0]
+        winner = majority_vote(letters[span], scored.parsed[span])
         name = record["dataset_name"]
         rows["accuracy"].append((name, hits / n))
         rows["pass_at_n"].append((name, hits > 0))
-        rows["majority_at_n"].append((name, winner == record["answer_label"].strip().upper()))
+        rows["majority_at_n"].append((name, winner == record["answer_label"]))
         rows["no_parse"].append((name, sum(1 for letter in letters[span] if not letter) / n))
     multi = n > 1
     return RunScores(

@@ -50,10 +50,11 @@ def recount(rows: list[dict], mode: str) -> dict[str, dict[str, float]]:
             ok = grading.grade_answer(pred, r["answer"], r["answer_label"])
             letter = _letter(pred, r["options"])
             if mode == "reward" and not grading.format_ok(text):
-                ok, letter = False, ""
+                ok, letter = False, None  # no answer: one shared vote that matches no label
             hits += ok
             unparsed += not letter
-            keys.append(letter or pred.strip().lower())
+            # MedVLThinker's regrader votes with the letter, else the extracted string as it is.
+            keys.append(pred if letter == "" else letter)
         n = len(keys)
         d = per.setdefault(r["dataset_name"], {"accuracy": [], "pass_at_n": [], "majority_at_n": [], "no_parse": []})
         d["accuracy"].append(hits / n)
