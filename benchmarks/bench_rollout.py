@@ -29,8 +29,8 @@ from medvl_engine.benchmarking import device_name, environment, format_table, wr
 from medvl_engine.data import load_bundled
 from medvl_engine.rollout.hf_backend import HFBackend, load_model_and_processor
 from medvl_engine.rollout.pool import RolloutPool
-from medvl_engine.rollout.types import SamplingParams, derive_seed
-from medvl_engine.rollout.worker import build_request, stream_samples
+from medvl_engine.rollout.stream import PromptStream
+from medvl_engine.rollout.types import SamplingParams
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -120,9 +120,9 @@ def main(args: argparse.Namespace) -> int:
         model_name = os.path.basename(os.path.normpath(args.model))
     model = model.to(device).eval()
     samples = [s for s in load_bundled() if not s.images]
-    requests = [build_request(processor, sample, f"{sample.dataset_index}@{position}",
-                              seed=None if args.unseeded else derive_seed(0, position))
-                for position, _, sample in stream_samples(samples, 0, args.prompts, None)]
+    stream = PromptStream(samples, processor, shuffle_seed=None, sample_seed=None if args.unseeded else 0,
+                          stop=args.prompts)
+    requests = list(stream.requests())
     params = SamplingParams(n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     backend = HFBackend(model, processor, device=args.device, max_batch=args.max_batch)
     eos_ids, pad_id = set(backend.eos_token_ids), backend.pad_token_id

@@ -1,11 +1,14 @@
 """`medvl-engine eval`: MedVLThinker's benchmark evaluation on the rollout pool, resumable, with its tables.
 
     medvl-engine eval --model UCSC-VLAA/MedVLThinker-7B-RL_m23k --output runs/7b-rl --repeats 3
-    medvl-engine eval --model smollm2 --source bundled --ignore-images --max-new-tokens 256 --output runs/demo
+    medvl-engine eval --model smollm2 --data.source bundled --data.ignore-images \
+        --rollout.max-response-tokens 256 --output runs/demo
 
-Defaults are MedVLThinker's evaluation settings: `UCSC-VLAA/MedVLThinker-Eval` (split test), greedy
-decoding (temperature 0, top_p 1, n 1), 4096 new tokens, seed 42; `--repeats 3` runs three independent
-repeats as the paper does (with sampling, repeat k uses seed + k). The run folder holds
+Its flags are `EvalConfig`'s: the same `data` and `rollout` sections as every other command, with
+MedVLThinker's evaluation settings as defaults: `UCSC-VLAA/MedVLThinker-Eval` (split test, dataset
+order), greedy decoding (temperature 0, top_p 1, n 1), 4096 new tokens, seed 42; `--repeats 3` runs
+three independent repeats as the paper does (with sampling, repeat k seeds with seed + k). The run
+folder holds
 
     manifest.json          model, settings, versions, commit (one entry per attempt)
     v{k}/results.jsonl     one line per question in MedVLThinker's layout, appended as questions finish
@@ -20,41 +23,63 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from medvl_engine import config as config_lib
 from medvl_engine.config import param
-from medvl_engine.evals.runner import DecodingConfig, EngineConfig, QuestionsConfig, RunStats
+from medvl_engine.evals.runner import RunStats
+from medvl_engine.rollout.config import DataConfig, RolloutConfig
 
-VOLATILE = ("engine.device", "engine.max_batch", "run.output", "run.overwrite", "run.repeats")
+VOLATILE = ("rollout.device", "rollout.max_batch", "rollout.max_in_flight", "rollout.threads", "run.output",
+            "run.overwrite", "run.repeats")
+
+
+def eval_data() -> DataConfig:
+    return DataConfig(source="UCSC-VLAA/MedVLThinker-Eval", split="test", shuffle=False)
+
+
+def eval_rollout() -> RolloutConfig:
+    return RolloutConfig(n=1, temperature=0.0, top_p=1.0, max_response_tokens=4096, seed=42, max_in_flight=32)
 
 
 def sections(cfg) -> dict:
-    """The settings grouped by component (`data`, `engine`, `decoding`, `run`) for the manifest."""
-    groups = {"data": QuestionsConfig, "engine": EngineConfig, "decoding": DecodingConfig}
-    values = asdict(cfg)
-    out = {name: {f.name: values[f.name] for f in fields(cls)} for name, cls in groups.items()}
-    taken = {key for group in out.values() for key in group}
-    out["run"] = {k: v for k, v in values.items() if k not in taken}
+    """The settings grouped by component (`data`, `rollout`, `run`) for the manifest."""
+    values = config_lib.to_dict(cfg)
+    out = {"data": values.pop("data"), "rollout": values.pop("rollout")}
+    out["run"] = values
     return out
 
 
-@dataclass
-class EvalConfig(DecodingConfig, EngineConfig, QuestionsConfig):
-    """An evaluation run: questions, engine and decoding (MedVLThinker's defaults), repeats, output folder."""
+def check_generation_config(cfg) -> None:
+    """What eval and pass-rate runs reject: settings of a learner that would silently do nothing here."""
+    if cfg.rollout.dynamic_sampling:
+        raise ValueError("rollout.dynamic_sampling drops questions whose answers all score the same: an evaluation "
+                         "or a pass-rate run must keep every question")
+    if cfg.data.shuffle:
+        raise ValueError("data.shuffle: evaluation and pass-rate runs answer each question once, in dataset order "
+                         "(use data.max_samples or data.subset to select questions)")
 
+
+@dataclass
+class EvalConfig:
+    """An evaluation run: a model, the questions, how they are answered (MedVLThinker's defaults), repeats."""
+
+    model: str = param("", "model folder (Hugging Face layout) or `smollm2` for the embedded default")
     output: str = param("", "run folder (created, or resumed when it holds this run)")
     repeats: int = param(1, "independent repeats (MedVLThinker's tables: 3)")
     overwrite: bool = param(False, "delete the run folder first instead of resuming it")
+    data: DataConfig = field(default_factory=eval_data)
+    rollout: RolloutConfig = field(default_factory=eval_rollout)
 
     def __post_init__(self):
-        QuestionsConfig.__post_init__(self)
-        EngineConfig.__post_init__(self)
-        DecodingConfig.__post_init__(self)
+        if not self.model:
+            raise ValueError("model: is required (a model folder, or `smollm2`)")
         if not self.output:
-            raise ValueError("--output: is required (the run folder)")
+            raise ValueError("output: is required (the run folder)")
         if self.repeats < 1:
-            raise ValueError(f"--repeats: must be >= 1, got {self.repeats}")
+            raise ValueError(f"repeats: must be >= 1, got {self.repeats}")
+        check_generation_config(self)
 
 
 async def _generate_repeats(cfg: EvalConfig, questions, backends, renderer) -> list[RunStats]:
@@ -64,8 +89,8 @@ async def _generate_repeats(cfg: EvalConfig, questions, backends, renderer) -> l
     out = []
     for k in range(cfg.repeats):
         results = ResultsFile(Path(cfg.output) / f"v{k}" / "results.jsonl")
-        stats = await generate_into(results, questions, backends, renderer, cfg.params(seed_offset=k),
-                                    mode="eval", label=f"eval v{k}: ")
+        stats = await generate_into(results, questions, backends, renderer, cfg.rollout, mode="eval",
+                                    seed_offset=k, label=f"eval v{k}: ")
         out.append(stats)
     return out
 
@@ -78,13 +103,14 @@ def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[Run
     """
     from medvl_engine.evals.manifest import open_run
     from medvl_engine.evals.report import write_run_report
-    from medvl_engine.evals.runner import build_backends, load_questions, shutdown
+    from medvl_engine.evals.runner import build_backends, shutdown
+    from medvl_engine.rollout.stream import load_data
 
-    questions = load_questions(cfg)
+    questions = load_data(cfg.data)
     open_run(cfg.output, "eval", sections(cfg), volatile=VOLATILE, overwrite=cfg.overwrite)
     owned = backends is None
     if owned:
-        backends, renderer = build_backends(cfg)
+        backends, renderer = build_backends(cfg.rollout, cfg.model)
 
     async def run():
         try:
@@ -93,21 +119,29 @@ def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[Run
             if owned:
                 await shutdown(backends)
 
-    stats = asyncio.run(run())
+    stats = run_async(run())
     markdown, _ = write_run_report(cfg.output)
     return stats, markdown
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from medvl_engine import config
+def run_async(coroutine):
+    """Run `coroutine` to the end, also from inside a running event loop (a notebook): then on a thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    from concurrent.futures import ThreadPoolExecutor
 
-    config.add_arguments(parser, EvalConfig)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config_lib.add_arguments(parser, EvalConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    from medvl_engine import config
-
-    cfg = config.from_args(EvalConfig, args)
+    cfg = config_lib.from_args(EvalConfig, args)
     stats, markdown = evaluate(cfg)
     print(markdown)
     for k, s in enumerate(stats):

@@ -1,11 +1,12 @@
 """`medvl-engine passrate`: how many of n sampled answers solve each question (MedVLThinker's pass counts).
 
-    medvl-engine passrate --model Qwen/Qwen2.5-VL-3B-Instruct --source UCSC-VLAA/MedVLThinker-m23k-tokenized \
-        --output runs/passrate-m23k-3b
+    medvl-engine passrate --model Qwen/Qwen2.5-VL-3B-Instruct \
+        --data.source UCSC-VLAA/MedVLThinker-m23k-tokenized --output runs/passrate-m23k-3b
 
-MedVLThinker's settings by default: n=16 samples per question at temperature 1.0 (top_p 1), 4096 new
+Its flags are `PassrateConfig`'s (the same `data` and `rollout` sections as every other command), with
+MedVLThinker's settings as defaults: n=16 samples per question at temperature 1.0 (top_p 1), 4096 new
 tokens, seed 42, graded by the strict RL reward (`reward` mode: the format gate counts), over a
-training split. The run folder holds
+training split in dataset order. The run folder holds
 
     manifest.json        model, settings, versions, commit
     results.jsonl        one line per question (the eval layout); `num_correct` is its pass count
@@ -20,41 +21,49 @@ question is one request with n samples (the engine shares the prompt across them
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from medvl_engine import config as config_lib
 from medvl_engine.config import param
-from medvl_engine.evals.evaluate import sections
-from medvl_engine.evals.runner import DecodingConfig, EngineConfig, QuestionsConfig, RunStats
+from medvl_engine.evals.evaluate import check_generation_config, run_async, sections
+from medvl_engine.evals.runner import RunStats
+from medvl_engine.rollout.config import DataConfig, RolloutConfig
 
 RESULTS_NAME = "results.jsonl"
-VOLATILE = ("engine.device", "engine.max_batch", "run.output", "run.overwrite")
+VOLATILE = ("rollout.device", "rollout.max_batch", "rollout.max_in_flight", "rollout.threads", "run.output",
+            "run.overwrite")
+
+
+def passrate_data() -> DataConfig:
+    return DataConfig(source="UCSC-VLAA/MedVLThinker-m23k-tokenized", split="train", shuffle=False)
+
+
+def passrate_rollout() -> RolloutConfig:
+    return RolloutConfig(n=16, temperature=1.0, top_p=1.0, max_response_tokens=4096, seed=42)
 
 
 @dataclass
-class PassrateConfig(DecodingConfig, EngineConfig, QuestionsConfig):
+class PassrateConfig:
     """A pass-rate run: MedVLThinker's estimate_pass_rate settings by default."""
 
-    source: str = param("UCSC-VLAA/MedVLThinker-m23k-tokenized",
-                        "training set: hub name, save_to_disk folder, parquet or jsonl (`bundled`: the bundled set)")
-    split: str = param("train", "split to read when the source has several")
-    n: int = param(16, "samples per question")
-    temperature: float = param(1.0, "sampling temperature")
+    model: str = param("", "model folder (Hugging Face layout) or `smollm2` for the embedded default")
     output: str = param("", "run folder (created, or resumed when it holds this run)")
     overwrite: bool = param(False, "delete the run folder first instead of resuming it")
+    data: DataConfig = field(default_factory=passrate_data)
+    rollout: RolloutConfig = field(default_factory=passrate_rollout)
 
     def __post_init__(self):
-        QuestionsConfig.__post_init__(self)
-        EngineConfig.__post_init__(self)
-        DecodingConfig.__post_init__(self)
+        if not self.model:
+            raise ValueError("model: is required (a model folder, or `smollm2`)")
         if not self.output:
-            raise ValueError("--output: is required (the run folder)")
-        if self.temperature == 0 and self.n > 1:
-            raise ValueError("--temperature 0 with n > 1 samples the same answer n times; pass counts need sampling")
+            raise ValueError("output: is required (the run folder)")
+        if self.rollout.temperature == 0:
+            raise ValueError("rollout.temperature: pass counts need sampling (> 0); greedy answers n times alike")
+        check_generation_config(self)
 
 
 def histogram(pass_counts, n: int) -> np.ndarray:
@@ -123,37 +132,34 @@ def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunS
     """Run (or resume) the pass-rate estimate and write its histogram; returns the stats and the text table."""
     from medvl_engine.evals.manifest import open_run
     from medvl_engine.evals.results import ResultsFile
-    from medvl_engine.evals.runner import build_backends, generate_into, load_questions, shutdown
+    from medvl_engine.evals.runner import build_backends, generate_into, shutdown
+    from medvl_engine.rollout.stream import load_data
 
-    questions = load_questions(cfg)
+    questions = load_data(cfg.data)
     open_run(cfg.output, "passrate", sections(cfg), volatile=VOLATILE, overwrite=cfg.overwrite)
     owned = backends is None
     if owned:
-        backends, renderer = build_backends(cfg)
+        backends, renderer = build_backends(cfg.rollout, cfg.model)
 
     async def run():
         try:
             return await generate_into(ResultsFile(Path(cfg.output) / RESULTS_NAME), questions, backends, renderer,
-                                       cfg.params(), mode="reward", label="passrate: ")
+                                       cfg.rollout, mode="reward", label="passrate: ")
         finally:
             if owned:
                 await shutdown(backends)
 
-    stats = asyncio.run(run())
-    _, text = write_histogram(cfg.output, f"{Path(cfg.model).name}: pass counts on {Path(cfg.source).name}")
+    stats = run_async(run())
+    _, text = write_histogram(cfg.output, f"{Path(cfg.model).name}: pass counts on {Path(cfg.data.source).name}")
     return stats, text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from medvl_engine import config
-
-    config.add_arguments(parser, PassrateConfig)
+    config_lib.add_arguments(parser, PassrateConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    from medvl_engine import config
-
-    cfg = config.from_args(PassrateConfig, args)
+    cfg = config_lib.from_args(PassrateConfig, args)
     stats, text = estimate(cfg)
     print(text)
     print(f"{stats.written} answered, {stats.skipped} already done, {len(stats.failed)} failed; "

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from medvl_engine.config import param
 from medvl_engine.evals.manifest import read_manifest
@@ -142,8 +143,8 @@ def reference_rows(names: list[str]) -> dict[str, AccuracyTable]:
 class ReportConfig:
     """Which runs, which parser mode and metric, which published rows."""
 
-    runs: list[str] = param(factory=list, help="run folders written by `medvl-engine eval`")
-    mode: str = param("regrade", "parser mode of the compared numbers (regrade, eval, reward)")
+    runs: list[str] = param(help="run folders written by `medvl-engine eval`", positional=True)
+    mode: Literal["regrade", "eval", "reward"] = param("regrade", "parser mode of the compared numbers")
     reference: list[str] = param(factory=list, help="also print MedVLThinker's published rows for these model names "
                                  "(`all`: every row)")
     no_reference: bool = param(False, "do not add the published rows of the models the runs name")
@@ -174,16 +175,15 @@ def compare(cfg: ReportConfig) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders written by `medvl-engine eval`")
-    parser.add_argument("--mode", default="regrade", choices=MODES, help="parser mode (default: regrade)")
-    parser.add_argument("--reference", nargs="*", default=[], metavar="MODEL",
-                        help="add MedVLThinker's published rows for these models (`all`: every row)")
-    parser.add_argument("--no-reference", action="store_true",
-                        help="do not add the published rows of the models the runs name")
+    from medvl_engine import config as config_lib
+
+    config_lib.add_arguments(parser, ReportConfig, config_flag=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = ReportConfig(runs=args.runs, mode=args.mode, reference=args.reference, no_reference=args.no_reference)
+    from medvl_engine import config as config_lib
+
+    cfg = config_lib.from_args(ReportConfig, args)
     if len(cfg.runs) == 1:
         markdown, _ = write_run_report(cfg.runs[0])
         print(markdown)

@@ -18,6 +18,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
+
 REQUIRED_KEYS = ("dataset_name", "dataset_index", "answer_label", "answer", "parsed_outputs", "num_rollouts",
                  "num_correct")
 
@@ -92,10 +94,13 @@ class ResultsFile:
         self._file = self.path.open("a", encoding="utf-8")
         return set(self.done)
 
-    def append(self, record: dict) -> None:
-        """Write one finished question; flushed at once so a kill loses at most the line being written."""
+    def append(self, record) -> None:
+        """Write one finished question (a dict or a msgspec record); flushed at once so a kill loses at most
+        the line being written."""
         if self._file is None:
             raise RuntimeError(f"{self.path}: open() the results file before appending")
+        if isinstance(record, msgspec.Struct):
+            record = msgspec.to_builtins(record)
         record = _check_record(record, f"record for {self.path}")
         index = record["dataset_index"]
         if index in self.done:

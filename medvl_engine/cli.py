@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.name and module_name.startswith(exc.name):
             top.error(f"command {name!r} is not available in this build ({module_name} is missing)")
         raise
-    parser = argparse.ArgumentParser(prog=f"medvl-engine {name}", description=help_)
+    parser = argparse.ArgumentParser(prog=f"medvl-engine {name}", description=help_, allow_abbrev=False)
     module.add_arguments(parser)
     return int(module.main(parser.parse_args(rest)) or 0)
 

@@ -23,11 +23,16 @@ from typing import Any, Literal, TypeVar
 T = TypeVar("T")
 
 
-def param(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with the help text its command-line flag shows."""
+def param(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+          positional: bool = False) -> Any:
+    """A dataclass field with the help text its command-line flag shows.
+
+    `positional=True` makes it a positional argument (`medvl-engine score ANSWERS`) instead of a flag.
+    """
+    metadata = {"help": help, "positional": positional}
     if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -62,22 +67,44 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, config_flag: bo
     """
     if config_flag:
         parser.add_argument("--config", default=None, help="YAML or TOML file with the run config")
-    _add_fields(parser, cls, "")
+    _add_fields(parser, cls, "", None)
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
+def field_default(f: dataclasses.Field, owner: Any = None) -> Any:
+    """The value a field takes when nothing sets it: the owner instance's (a parent's default_factory may
+    differ from the section class's own defaults, e.g. SFT's optimizer), else the field's default."""
+    if owner is not None:
+        return getattr(owner, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, owner: Any) -> None:
     hints = _hints(cls)
     group = parser if not prefix else parser.add_argument_group(prefix, (cls.__doc__ or "").strip().split("\n")[0])
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        default = field_default(f, owner)
         if _is_dataclass_type(tp):
-            _add_fields(parser, tp, _dest(prefix, f.name))
+            _add_fields(parser, tp, _dest(prefix, f.name), default)
             continue
         help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        shown = "required" if default is dataclasses.MISSING else f"default: {default!r}"
         kwargs: dict[str, Any] = {"dest": _dest(prefix, f.name), "default": argparse.SUPPRESS,
-                                  "help": f"{help_} (default: {default!r})" if help_ else f"(default: {default!r})"}
+                                  "help": f"{help_} ({shown})" if help_ else f"({shown})"}
+        if f.metadata.get("positional"):
+            inner, _ = _unwrap_optional(tp)
+            kwargs.pop("dest")
+            if typing.get_origin(inner) in (tuple, list):
+                kwargs["nargs"] = "+" if default is dataclasses.MISSING or not default else "*"
+            elif default is not dataclasses.MISSING:
+                kwargs["nargs"] = "?"
+            kwargs["metavar"] = f.name.upper()
+            group.add_argument(_dest(prefix, f.name), **kwargs)
+            continue
         inner, optional = _unwrap_optional(tp)
         origin = typing.get_origin(inner)
         if inner is bool:
@@ -174,6 +201,9 @@ def build(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__} (known: {sorted(fields)})")
+    missing = [name for name, f in fields.items() if name not in data and field_default(f) is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing required key(s) {[f'{where}.{m}' for m in missing]}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         tp = hints[name]

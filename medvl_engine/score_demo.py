@@ -9,22 +9,40 @@ looser published-table rule is visible on one screen.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+from medvl_engine.config import param
 from medvl_engine.data import bundled_answers_path, load_bundled
 from medvl_engine.rewards import MODES
 from medvl_engine.scoring import read_answers, score_answers, summary_line, write_jsonl
 from medvl_engine.tables import comparison_markdown
 
 
+@dataclass
+class ScoreDemoConfig:
+    """The bundled answers scored in every grading mode."""
+
+    output: str = param("", "write the answers scored in regrade mode to this jsonl")
+    threads: int = param(0, "scoring threads (0: every core)")
+
+    def __post_init__(self):
+        if self.threads < 0:
+            raise ValueError(f"threads: must be >= 0, got {self.threads}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", help="write the answers scored in regrade mode to this jsonl")
-    parser.add_argument("--threads", type=int, default=None, help="scoring threads (default: every core)")
+    from medvl_engine import config as config_lib
+
+    config_lib.add_arguments(parser, ScoreDemoConfig, config_flag=False)
 
 
 def main(args: argparse.Namespace) -> int:
+    from medvl_engine import config as config_lib
+
+    args = config_lib.from_args(ScoreDemoConfig, args)
     samples = load_bundled()
     records = read_answers(bundled_answers_path())
-    runs = {mode: score_answers(records, samples, mode=mode, threads=args.threads) for mode in MODES}
+    runs = {mode: score_answers(records, samples, mode=mode, threads=args.threads or None) for mode in MODES}
     print(summary_line(runs["regrade"], samples.name, modes="modes: " + ", ".join(MODES)))
     print(comparison_markdown({mode: run.table for mode, run in runs.items()}, counts=True))
     formatted = sum(row["format_ok"] for row in runs["reward"].rows)

@@ -19,9 +19,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from medvl_engine.config import param
 from medvl_engine.data import DataError, SampleSet, load_bundled, load_samples
-from medvl_engine.rewards import MODES, score_samples
+from medvl_engine.rewards import score_samples
 from medvl_engine.tables import AccuracyTable, accuracy_table
 
 
@@ -175,33 +177,47 @@ def summary_line(scored: ScoredAnswers, dataset_name: str, *, modes: str | None 
     )
 
 
+@dataclass
+class ScoreConfig:
+    """Score a file of answers against the questions they answer."""
+
+    answers: str = param(help="jsonl of {dataset_index, response} lines or MedVLThinker's eval_results.jsonl",
+                         positional=True)
+    dataset: str = param("bundled", "the questions: `bundled`, a .jsonl or .parquet file, a save_to_disk folder or "
+                         "a hub name")
+    split: str = param("test", "split of a hub dataset or a saved DatasetDict")
+    skip_invalid: bool = param(False, "drop dataset rows that do not fit, and list them")
+    mode: Literal["reward", "eval", "regrade"] = param(
+        "regrade", "reward: the strict RL reward; eval: MedVLThinker's offline evaluation; regrade: the looser rule "
+        "behind its published tables")
+    output: str = param("", "write the scored answers to this jsonl")
+    table_json: str = param("", "write the accuracy table to this JSON file")
+    threads: int = param(0, "scoring threads (0: every core)")
+
+    def __post_init__(self):
+        if self.threads < 0:
+            raise ValueError(f"threads: must be >= 0, got {self.threads}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("answers", help="jsonl of {dataset_index, response} lines or MedVLThinker's eval_results.jsonl")
-    parser.add_argument(
-        "--dataset", help="the questions: a .jsonl or .parquet file, a save_to_disk folder or a hub name "
-        "(default: the bundled set)",
-    )
-    parser.add_argument("--split", default="test", help="split of a hub dataset or a saved DatasetDict (default: test)")
-    parser.add_argument("--skip-invalid", action="store_true", help="drop dataset rows that do not fit, and list them")
-    parser.add_argument(
-        "--mode", choices=MODES, default="regrade",
-        help="reward: the strict RL reward; eval: MedVLThinker's offline evaluation; regrade: the looser rule "
-        "behind its published tables (default)",
-    )
-    parser.add_argument("--output", help="write the scored answers to this jsonl")
-    parser.add_argument("--table-json", help="write the accuracy table to this JSON file")
-    parser.add_argument("--threads", type=int, default=None, help="scoring threads (default: every core)")
+    from medvl_engine import config as config_lib
+
+    config_lib.add_arguments(parser, ScoreConfig, config_flag=False)
 
 
 def main(args: argparse.Namespace) -> int:
+    from medvl_engine import config as config_lib
+
+    args = config_lib.from_args(ScoreConfig, args)
+    threads = args.threads or None
     try:
-        if args.dataset is None:
+        if args.dataset == "bundled":
             samples = load_bundled(skip_invalid=args.skip_invalid)
         else:
             samples = load_samples(args.dataset, split=args.split, skip_invalid=args.skip_invalid)
         if samples.skipped:
             print(samples.skipped_summary(), file=sys.stderr)
-        scored = score_answers(read_answers(args.answers), samples, mode=args.mode, threads=args.threads,
+        scored = score_answers(read_answers(args.answers), samples, mode=args.mode, threads=threads,
                                source=args.answers)
     except (DataError, AnswerFileError) as exc:
         print(f"medvl-engine score: error: {exc}", file=sys.stderr)

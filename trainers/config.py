@@ -3,7 +3,7 @@
 Defaults reproduce MedVLThinker's recipe (verl GRPO and TRL SFT settings of its train/ scripts).
 Every field is a command-line flag (`medvl_engine.config`): `--algo.clip-high 0.28` gives DAPO's
 clip-higher, `--algo.advantage drgrpo --algo.loss-agg seq-mean-token-sum-norm` Dr. GRPO,
-`--algo.dynamic-sampling` drops groups whose rewards are all equal, `--algo.kl-type k1` another KL
+`--rollout.dynamic-sampling` drops groups whose rewards are all equal, `--algo.kl-type k1` another KL
 estimator, `--algo.tis-cap 2.0` the truncated importance-sampling correction with the engine's
 log-probs. `deepspeed_config(...)` turns the components into DeepSpeed's JSON config.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medvl_engine.config import param
+from medvl_engine.rollout.config import DataConfig, RolloutConfig
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 
@@ -74,55 +75,46 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the questions come from and in what order."""
+class TransportConfig:
+    """Placement: the rollout in this process (no endpoint) or in worker processes streaming over ZeroMQ."""
 
-    source: str = param("bundled", "`bundled`, a dataset folder, a parquet or a jsonl file")
-    split: str = param("train", "split to read when the source has several")
-    seed: int = param(42, "shuffle seed (the order is a function of seed and epoch only)")
-    max_samples: int = param(0, "use only the first N samples after shuffling (0: all)")
-    shuffle: bool = param(True, "shuffle every epoch")
-    text_only: bool = param(False, "keep only questions without images (for text-only models)")
-
-    def __post_init__(self):
-        if not self.source:
-            raise ValueError("data.source: may not be empty")
-        if self.max_samples < 0:
-            raise ValueError(f"data.max_samples: must be >= 0, got {self.max_samples}")
-
-
-@dataclass
-class RolloutConfig:
-    """How answers are sampled and how new weights reach the samplers."""
-
-    backend: Literal["hf", "sglang"] = param("hf", "rollout backend of the workers")
-    n: int = param(8, "answers per question (the GRPO group size)")
-    temperature: float = param(1.0, "sampling temperature")
-    top_p: float = param(1.0, "nucleus sampling")
-    max_prompt_tokens: int = param(2048, "longer prompts are an error, not truncated (MedVLThinker)")
-    max_response_tokens: int = param(4096, "answer length cap")
-    endpoint: str = param("", "ZeroMQ endpoint the learner listens on (ipc:// or tcp://); empty: in-process")
-    weights_endpoint: str = param("", "ZeroMQ endpoint where weight versions are announced")
+    endpoint: str = param("", "ZeroMQ endpoint the learner listens on (ipc:// or tcp://); empty: colocated, "
+                          "the rollout pool runs in this process")
     workers: int = param(1, "rollout worker processes the learner starts itself (0: they are started apart)")
-    credits: int = param(0, "groups a worker may have in flight (0: one step's worth)")
-    max_staleness: int = param(1, "drop groups sampled more than k versions behind the learner")
-    weight_sync: Literal["memory", "disk", "distributed"] = param(
-        "disk", "memory: same-process hf backend; disk: HF folder + announce; distributed: NCCL broadcast")
-    sync_bucket_mb: int = param(512, "bucket size of a distributed weight push, MB")
-    seed: int = param(0, "sampling seed of the workers")
+    credits: int = param(0, "groups a worker may have sent and not yet consumed (0: one step's worth)")
+    weight_sync: Literal["auto", "memory", "disk"] = param(
+        "auto", "auto: memory when colocated, disk with an endpoint; memory: into the in-process backend; "
+        "disk: an HF folder per version, announced to the workers")
+    sync_bucket_mb: int = param(512, "bucket size of a weight push, MB")
 
     def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"rollout.n: must be >= 1, got {self.n}")
-        if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature: must be > 0 for sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
-        for name in ("max_prompt_tokens", "max_response_tokens", "sync_bucket_mb"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rollout.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.max_staleness < 0 or self.workers < 0 or self.credits < 0:
-            raise ValueError("rollout.max_staleness, rollout.workers and rollout.credits must be >= 0")
+        if self.workers < 0 or self.credits < 0:
+            raise ValueError("transport.workers and transport.credits must be >= 0")
+        if self.sync_bucket_mb < 1:
+            raise ValueError(f"transport.sync_bucket_mb: must be >= 1, got {self.sync_bucket_mb}")
+        if not self.endpoint:
+            if self.workers != 1:
+                raise ValueError(f"transport.workers={self.workers} starts rollout worker processes: it needs "
+                                 "transport.endpoint (without one the rollout runs in the learner's process)")
+            if self.credits:
+                raise ValueError("transport.credits bounds what rollout workers send: it needs transport.endpoint")
+            if self.weight_sync == "disk":
+                raise ValueError("transport.weight_sync=disk announces weights to rollout workers: it needs "
+                                 "transport.endpoint (colocated, weights move in memory)")
+        elif self.weight_sync == "memory":
+            raise ValueError(f"transport.weight_sync=memory pushes weights into a backend in this process, but "
+                             f"with transport.endpoint={self.endpoint!r} the rollout runs in worker processes: "
+                             "use disk (or auto)")
+
+    @property
+    def colocated(self) -> bool:
+        return not self.endpoint
+
+    @property
+    def sync_kind(self) -> str:
+        if self.weight_sync != "auto":
+            return self.weight_sync
+        return "memory" if self.colocated else "disk"
 
 
 @dataclass
@@ -134,12 +126,13 @@ class AlgoConfig:
     advantage: Literal["grpo", "drgrpo", "rloo"] = param("grpo", "group advantage estimator")
     clip_low: float = param(0.2, "PPO clip below 1")
     clip_high: float = param(0.2, "PPO clip above 1 (DAPO clip-higher: 0.28)")
+    clip_ratio_c: float | None = param(3.0, "dual-clip PPO: a negative-advantage token's loss is capped at -A * c "
+                                       "(verl's default, so MedVLThinker's runs); none: off")
     kl_coef: float = param(0.01, "KL loss coefficient against the initial policy (0: no reference model)")
     kl_type: Literal["low_var_kl", "k1", "k2"] = param("low_var_kl", "KL estimator")
     entropy_coef: float = param(0.0, "entropy bonus coefficient")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = param(
         "token-mean", "token losses: mean over tokens, mean of sequence means, or Dr. GRPO's sums / max length")
-    dynamic_sampling: bool = param(False, "drop groups whose rewards are all equal (DAPO)")
     old_logp: Literal["recompute", "engine"] = param(
         "recompute", "old log-probs: recomputed by the learner before the update, or the engine's")
     tis_cap: float = param(0.0, "truncated importance-sampling weight cap on exp(old - engine) (0: off)")
@@ -153,6 +146,8 @@ class AlgoConfig:
                              f"algo.mini_batches ({self.mini_batches})")
         if self.clip_low < 0 or self.clip_high < 0:
             raise ValueError("algo.clip_low and algo.clip_high must be >= 0")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            raise ValueError(f"algo.clip_ratio_c: must be > 1 (or none: off), got {self.clip_ratio_c}")
         if self.kl_coef < 0 or self.entropy_coef < 0 or self.tis_cap < 0:
             raise ValueError("algo.kl_coef, algo.entropy_coef and algo.tis_cap must be >= 0")
         if self.tis_cap and self.old_logp == "engine":
@@ -166,6 +161,7 @@ class LoggingConfig:
 
     run_dir: str = param("runs/latest", "run folder: config, metrics.jsonl, checkpoints, export")
     log_every: int = param(1, "print a metrics line every k steps")
+    rollouts: bool = param(True, "GRPO: append every trained answer to rollouts.jsonl (off for very large runs)")
 
     def __post_init__(self):
         if not self.run_dir:
@@ -196,15 +192,22 @@ class GRPOConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     steps: int = param(100, "GRPO steps to run")
-    seed: int = param(0, "learner seed (torch, numpy, python)")
+    seed: int = param(0, "learner seed (torch)")
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.rollout.temperature == 0:
+            raise ValueError("rollout.temperature: GRPO samples n answers per question; 0 (greedy) gives n equal "
+                             "answers and no advantage")
+        if self.rollout.n < 2:
+            raise ValueError(f"rollout.n={self.rollout.n}: the advantage of a group of one answer is always 0; "
+                             "GRPO needs rollout.n >= 2")
 
 
 @dataclass

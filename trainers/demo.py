@@ -17,70 +17,77 @@ questions poorly and a few steps do not change that: the demo shows the machiner
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from medvl_engine import config as config_lib
+from medvl_engine.config import param
 
 EVAL_COLUMNS = ("policy", "questions", "accuracy", "format", "answer_tokens", "seconds")
 
 
+@dataclass
+class DemoConfig:
+    """The demo run: GRPO on the bundled text-only questions, then a greedy evaluation before and after."""
+
+    model: str = param("smollm2", "policy folder, or `smollm2` (the embedded default)")
+    run_dir: str = param("runs/demo", "run folder (replaced when it holds an earlier demo)")
+    steps: int = param(3, "GRPO steps")
+    prompts_per_step: int = param(2, "questions per step")
+    n: int = param(4, "answers per question")
+    max_new_tokens: int = param(32, "answer length cap")
+    lr: float = param(1e-5, "learning rate")
+    eval_tokens: int = param(48, "answer cap of the evaluation")
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.n < 2:
+            raise ValueError(f"n: GRPO needs at least 2 answers per question, got {self.n}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="policy folder, or `smollm2` (the embedded default)")
-    parser.add_argument("--run-dir", default="runs/demo", help="run folder (default: runs/demo)")
-    parser.add_argument("--steps", type=int, default=3, help="GRPO steps (default: 3)")
-    parser.add_argument("--prompts-per-step", type=int, default=2, help="questions per step (default: 2)")
-    parser.add_argument("--n", type=int, default=4, help="answers per question (default: 4)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap (default: 32)")
-    parser.add_argument("--lr", type=float, default=1e-5, help="learning rate (default: 1e-5)")
-    parser.add_argument("--eval-tokens", type=int, default=48, help="answer cap of the evaluation (default: 48)")
+    config_lib.add_arguments(parser, DemoConfig, config_flag=False)
 
 
-def demo_config(args: argparse.Namespace, endpoint: str):
-    from medvl_engine import config as config_lib
+def demo_config(demo: DemoConfig, endpoint: str):
     from medvl_engine.trainers.config import GRPOConfig
 
     return config_lib.build(GRPOConfig, {
-        "model": {"path": args.model, "dtype": "bf16", "gradient_checkpointing": False},
-        "optim": {"lr": args.lr},
+        "model": {"path": demo.model, "dtype": "bf16", "gradient_checkpointing": False},
+        "optim": {"lr": demo.lr},
         "data": {"source": "bundled", "text_only": True},
-        "rollout": {"n": args.n, "max_response_tokens": args.max_new_tokens, "endpoint": endpoint, "workers": 1,
-                    "weight_sync": "disk", "max_staleness": 1},
-        "algo": {"prompts_per_step": args.prompts_per_step, "mini_batches": 1},
-        "deepspeed": {"micro_batch_size": args.n},
-        "logging": {"run_dir": args.run_dir},
-        "steps": args.steps,
+        "rollout": {"n": demo.n, "max_response_tokens": demo.max_new_tokens, "max_staleness": 1},
+        "transport": {"endpoint": endpoint, "workers": 1, "weight_sync": "disk"},
+        "algo": {"prompts_per_step": demo.prompts_per_step, "mini_batches": 1},
+        "deepspeed": {"micro_batch_size": demo.n},
+        "logging": {"run_dir": demo.run_dir},
+        "steps": demo.steps,
     })
 
 
-def evaluate(model_path: str, samples: list, max_new_tokens: int, label: str) -> dict:
-    """Greedy answers of the policy at `model_path` to every question, scored with the reward's rules."""
-    import time
+def evaluate(model_path: str, max_new_tokens: int, label: str, output: Path) -> dict:
+    """Greedy answers of the policy at `model_path` to every bundled text-only question (`medvl-engine eval`)."""
+    from medvl_engine.evals.evaluate import EvalConfig
+    from medvl_engine.evals.evaluate import evaluate as run_eval
+    from medvl_engine.evals.results import read_records
+    from medvl_engine.rollout.config import DataConfig, RolloutConfig
 
-    from medvl_engine.rewards import score_samples
-    from medvl_engine.rollout.hf_backend import HFBackend
-    from medvl_engine.rollout.types import SamplingParams
-    from medvl_engine.rollout.worker import build_request
-
-    async def answer_all():
-        backend = HFBackend.from_pretrained(model_path, dtype="bfloat16")
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-        try:
-            requests = [build_request(backend.processor, s, f"eval-{s.dataset_index}") for s in samples]
-            return await asyncio.gather(*(backend.generate(r, params) for r in requests))
-        finally:
-            await backend.shutdown()
-
-    start = time.perf_counter()
-    completions = [c[0] for c in asyncio.run(answer_all())]
-    scores = score_samples([c.text for c in completions], samples)
-    return {"policy": label, "questions": len(samples), "accuracy": float(scores.correct.mean()),
-            "format": float(scores.format_ok.mean()),
-            "answer_tokens": sum(c.num_tokens for c in completions) / len(completions),
-            "seconds": time.perf_counter() - start,
-            "answers": [{"dataset_index": s.dataset_index, "text": c.text, "letter": letter, "correct": bool(ok)}
-                        for s, c, letter, ok in zip(samples, completions, scores.letter, scores.correct)]}
+    cfg = EvalConfig(model=model_path, output=str(output), overwrite=True,
+                     data=DataConfig(source="bundled", text_only=True, shuffle=False),
+                     rollout=RolloutConfig(n=1, temperature=0.0, max_response_tokens=max_new_tokens, dtype="bf16"))
+    stats, _ = run_eval(cfg)
+    answers = [o for r in read_records(output / "v0" / "results.jsonl") for o in r["parsed_outputs"]]
+    return {"policy": label, "questions": len(answers),
+            "accuracy": sum(o["is_correct"] for o in answers) / len(answers),
+            "format": sum(o["format_ok"] for o in answers) / len(answers),
+            "answer_tokens": sum(o["num_tokens"] for o in answers) / len(answers),
+            "seconds": stats[0].seconds}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -92,23 +99,28 @@ def main(args: argparse.Namespace) -> int:
     from medvl_engine.benchmarking import format_table
     from medvl_engine.models import resolve_model_path
     from medvl_engine.trainers import grpo
-    from medvl_engine.trainers.data import load_dataset
     from medvl_engine.trainers.distributed import shutdown
 
-    print(f"policy: {args.model} -> {resolve_model_path(args.model)}", flush=True)
+    demo = config_lib.from_args(DemoConfig, args)
+    print(f"policy: {demo.model} -> {resolve_model_path(demo.model)}", flush=True)
+    run_dir = Path(demo.run_dir)
+    if (run_dir / "demo.json").exists():  # an earlier demo: start afresh (its weights would confuse the new run)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "demo.json").write_text(json.dumps(config_lib.to_dict(demo)) + "\n")
     socket_dir = tempfile.mkdtemp(prefix="medvl-demo-")  # ipc paths must stay short (~100 bytes)
-    cfg = demo_config(args, f"ipc://{socket_dir}/groups.sock")
+    cfg = demo_config(demo, f"ipc://{socket_dir}/groups.sock")
     print(f"GRPO: {cfg.steps} steps x {cfg.algo.prompts_per_step} questions x {cfg.rollout.n} answers, "
           f"rollout worker (hf backend) -> ZeroMQ -> DeepSpeed learner, run folder {cfg.logging.run_dir}", flush=True)
     history = grpo.run(cfg)
     shutdown()
 
-    run_dir = Path(cfg.logging.run_dir)
-    samples = load_dataset(cfg.data)
-    print(f"\nevaluation: greedy answers to the {len(samples)} bundled text-only questions", flush=True)
-    rows = [evaluate(resolve_model_path(args.model), samples, args.eval_tokens, "initial"),
-            evaluate(str(run_dir / "export"), samples, args.eval_tokens, f"after {len(history)} steps")]
+    print("\nevaluation: greedy answers to the bundled text-only questions", flush=True)
+    rows = [evaluate(resolve_model_path(demo.model), demo.eval_tokens, "initial", run_dir / "eval-initial"),
+            evaluate(str(run_dir / "export"), demo.eval_tokens, f"after {len(history)} steps",
+                     run_dir / "eval-trained")]
     print(format_table(rows, EVAL_COLUMNS))
     (run_dir / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\nrun folder: {run_dir} (config.yaml, metrics.jsonl, rollout-0.log, weights/, export/, eval.json)")
+    print(f"\nrun folder: {run_dir} (config.yaml, metrics.jsonl, rollouts.jsonl, rollout-0.yaml/.log, weights/, "
+          "export/, eval-initial/, eval-trained/, eval.json)")
     return 0

@@ -2,7 +2,7 @@
 
 One step (`GRPOTrainer.step`):
 
-    groups = source.next(prompts_per_step)            receive scored groups (transport or in-process)
+    groups = source.next(prompts_per_step)            scored groups in stream order (in-process pool or workers)
     batch = RolloutBatch.from_groups(groups)          collate: prompt + answer sequences, answer masks
     advantages = group_advantages(rewards, groups)    GRPO / Dr. GRPO / RLOO, per answer
     old / reference log-probs                         recomputed before any update (or the engine's)
@@ -11,7 +11,7 @@ One step (`GRPOTrainer.step`):
     metrics                                           reward, accuracy, format rate, KL, tokens/s
 
     medvl-engine grpo --model.path smollm2 --steps 4 --algo.prompts-per-step 4 --rollout.n 4
-    torchrun --nproc_per_node 2 -m medvl_engine.cli grpo --config grpo.yaml --rollout.endpoint tcp://0.0.0.0:5555
+    torchrun --nproc_per_node 2 -m medvl_engine.cli grpo --config grpo.yaml --transport.endpoint tcp://0.0.0.0:5555
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class GRPOTrainer:
         self.sync = sync
         self.version = version
         self.step_index = step
+        self.last_groups: list = []
 
     # -- the step -------------------------------------------------------------------------------------
 
@@ -63,6 +64,7 @@ class GRPOTrainer:
         algo = self.cfg.algo
         start = time.perf_counter()
         groups = self.source.next(algo.prompts_per_step, self.version)
+        self.last_groups = groups
         received = time.perf_counter()
         batch = RolloutBatch.from_groups(groups, max_prompt_tokens=self.cfg.rollout.max_prompt_tokens,
                                          max_response_tokens=self.cfg.rollout.max_response_tokens)
@@ -121,7 +123,7 @@ class GRPOTrainer:
 
         algo = self.cfg.algo
         learner = self.learner
-        sums = {"kl": 0.0, "approx_kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "ratio_dev": 0.0,
+        sums = {"kl": 0.0, "approx_kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "entropy": 0.0, "ratio_dev": 0.0,
                 "logp_mismatch": 0.0, "mismatch_tokens": 0.0, "tokens": 0.0, "loss": 0.0}
         for pm in mini:
             mask = pm.micro.mask
@@ -137,7 +139,7 @@ class GRPOTrainer:
                 advantages = advantages[:, None] * tis
             loss, metrics = policy_loss(logp, pm.old_logp, advantages, mask, ref_logp=pm.ref_logp,
                                         clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef=algo.kl_coef,
-                                        kl_type=algo.kl_type, agg=algo.loss_agg)
+                                        kl_type=algo.kl_type, agg=algo.loss_agg, clip_ratio_c=algo.clip_ratio_c)
             if algo.loss_agg == "seq-mean-token-sum-norm":
                 # The kernel divides by the padded width (prompt included); Dr. GRPO divides by a
                 # constant, the configured maximum answer length.
@@ -149,7 +151,7 @@ class GRPOTrainer:
             tokens = float(mask.sum())
             sums["tokens"] += tokens
             sums["loss"] += float(loss.detach()) * pm.weight / learner.gradient_accumulation_steps
-            for key in ("kl", "approx_kl", "clip_frac"):
+            for key in ("kl", "approx_kl", "clip_frac", "dual_clip_frac"):
                 if key in metrics:
                     sums[key] += float(metrics[key]) * tokens
             if entropy is not None:
@@ -170,7 +172,8 @@ class GRPOTrainer:
 
     def metrics(self, batch: RolloutBatch, constant: torch.Tensor, stats: list[dict], sync: dict, *,
                 start: float, received: float, trained: float) -> dict:
-        keys = ("kl", "approx_kl", "clip_frac", "entropy", "logp_mismatch", "mismatch_tokens", "tokens", "loss")
+        keys = ("kl", "approx_kl", "clip_frac", "dual_clip_frac", "entropy", "logp_mismatch", "mismatch_tokens",
+                "tokens", "loss")
         totals = torch.tensor([[s[k] for k in keys] for s in stats], dtype=torch.float64).sum(0)
         maxima = torch.tensor([stats[0]["ratio_dev"], max(s.get("logp_mismatch_max", 0.0) for s in stats)],
                               dtype=torch.float64)
@@ -193,6 +196,7 @@ class GRPOTrainer:
             "kl": t["kl"] / tokens,
             "approx_kl": t["approx_kl"] / tokens,
             "clip_frac": t["clip_frac"] / tokens,
+            "dual_clip_frac": t["dual_clip_frac"] / tokens,
             "entropy": t["entropy"] / tokens,
             "loss": t["loss"] / len(stats),
             # Step-0 consistency: before any update the PPO ratio of the first mini-batch is exactly 1.
@@ -226,49 +230,117 @@ def print_row(row: dict, header: bool) -> None:
     print("\n".join(lines if header else lines[2:]), flush=True)
 
 
-def build_local_source(cfg: GRPOConfig, learner):
-    """An hf backend in this process answering the configured data (the colocated CPU run and tests)."""
+def build_source(cfg: GRPOConfig, learner, state: dict | None, feed=None):
+    """The ordered source of this placement: a RolloutPool in this process (colocated), or the stream of
+    rollout workers over ZeroMQ (rank 0 listens and starts `transport.workers` workers on this node).
+    A given `feed` (a task of its own, e.g. the tests' toy task) replaces the configured one."""
+    from medvl_engine.trainers.sources import OrderedSource, TransportFeed
+
+    source_state = state["source"] if state else None
+    if learner.rank == 0 and feed is None:
+        if cfg.transport.colocated:
+            feed = build_local_feed(cfg, learner, source_state)
+        else:
+            feed = build_transport_feed(cfg, source_state)
+    source = OrderedSource(feed, rank=learner.rank, prompts_per_step=cfg.algo.prompts_per_step,
+                           max_staleness=cfg.rollout.max_staleness, dynamic_sampling=cfg.rollout.dynamic_sampling,
+                           state=source_state)
+    if isinstance(feed, TransportFeed):
+        feed.start_workers()  # after the source announced its window: a worker's Hello is answered with it
+    return source
+
+
+def build_local_feed(cfg: GRPOConfig, learner, state: dict | None = None):
+    """A RolloutPool over `rollout.backend` in this process, on the learner's device."""
+    from dataclasses import replace
+
     from medvl_engine.models import resolve_model_path
-    from medvl_engine.rollout.hf_backend import HFBackend
-    from medvl_engine.trainers.data import load_dataset
-    from medvl_engine.trainers.sources import LocalSource
+    from medvl_engine.rollout.config import make_rollout_backend
+    from medvl_engine.rollout.stream import PromptStream, load_data
+    from medvl_engine.trainers.sources import LocalFeed
 
-    backend = HFBackend.from_pretrained(resolve_model_path(cfg.model.path), dtype="float32",
-                                        device=str(learner.device))
-    r = cfg.rollout
-    return LocalSource(backend, learner.tokenizer, load_dataset(cfg.data), n=r.n, temperature=r.temperature,
-                       top_p=r.top_p, max_new_tokens=r.max_response_tokens, seed=r.seed,
-                       dynamic_sampling=cfg.algo.dynamic_sampling)
+    rollout = cfg.rollout
+    if rollout.backend == "hf" and rollout.device == "auto":
+        rollout = replace(rollout, device=str(learner.device))
+    backend = make_rollout_backend(rollout, resolve_model_path(cfg.model.path))
+    renderer = getattr(backend, "processor", None) or learner.tokenizer
+    stream = PromptStream.from_config(load_data(cfg.data), renderer, cfg.data, rollout.seed,
+                                      max_prompt_tokens=rollout.max_prompt_tokens)
+    return LocalFeed(backend, stream, rollout.sampling_params(logprobs=True), rollout)
 
 
-def run(cfg: GRPOConfig, *, resume: bool = False, source=None, sync=None, on_step=None) -> list[dict]:
+def build_transport_feed(cfg: GRPOConfig, state: dict | None):
+    from medvl_engine.rollout.launcher import WorkerProcess
+    from medvl_engine.trainers.sources import TransportFeed
+    from medvl_engine.transport.channel import GroupReceiver
+
+    t = cfg.transport
+    receiver = GroupReceiver(t.endpoint, credits=t.credits or cfg.algo.prompts_per_step,
+                             start_seqs=state["seqs"] if state else None)
+    endpoint = receiver.endpoint.replace("0.0.0.0", "127.0.0.1")
+    run_dir = Path(cfg.logging.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    workers = []
+    for i in range(t.workers):
+        path = config_lib.save(worker_config(cfg, endpoint, shard=i), run_dir / f"rollout-{i}.yaml")
+        workers.append(WorkerProcess(["--config", str(path)], log_path=run_dir / f"rollout-{i}.log",
+                                     name=f"rollout-{i}"))
+    return TransportFeed(receiver, workers)
+
+
+def worker_config(cfg: GRPOConfig, endpoint: str, *, shard: int = 0):
+    """The `medvl-engine rollout-worker` configuration of worker `shard` of this run (a worker started by
+    hand takes the same file with its own --shard-index and --producer-id): the run's data and rollout
+    sections, so it samples exactly what the colocated learner would."""
+    from medvl_engine.models import resolve_model_path
+    from medvl_engine.rollout.worker import WorkerConfig
+
+    return WorkerConfig(model=resolve_model_path(cfg.model.path), connect=endpoint, producer_id=f"rollout-{shard}",
+                        shard_index=shard, num_shards=max(cfg.transport.workers, 1), data=cfg.data,
+                        rollout=cfg.rollout)
+
+
+def make_weight_sync(cfg: GRPOConfig, source):
+    from medvl_engine.trainers.weight_sync import make_sync
+
+    feed = source.feed
+    kind = cfg.transport.sync_kind
+    if kind == "memory":
+        backends = [feed.backend] if feed is not None else []
+        return make_sync("memory", run_dir=cfg.logging.run_dir, backends=backends,
+                         bucket_mb=cfg.transport.sync_bucket_mb, run=feed.run if feed is not None else None)
+    return make_sync(kind, run_dir=cfg.logging.run_dir, announce=source.announce,
+                     bucket_mb=cfg.transport.sync_bucket_mb)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: GRPOConfig, *, resume: bool = False, feed=None, sync=None, on_step=None) -> list[dict]:
     """Train `cfg.steps` steps (from the last checkpoint with `resume`); returns the per-step metrics.
 
-    `source` and `sync` default to the configured ones: the transport stream with disk sync when
-    `rollout.endpoint` is set, otherwise an in-process hf backend updated in memory.
+    `feed` and `sync` default to the configured placement: a RolloutPool in this process with weights
+    pushed in memory, or rollout workers over `transport.endpoint` with weights through disk.
     """
     from medvl_engine.trainers import checkpoint
     from medvl_engine.trainers.learner import Learner
-    from medvl_engine.trainers.metrics import MetricsLog
-    from medvl_engine.trainers.weight_sync import MemorySync, make_sync
+    from medvl_engine.trainers.metrics import MetricsLog, RolloutLog
 
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     algo = cfg.algo
     groups_per_mini = algo.prompts_per_step // algo.mini_batches
     learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=groups_per_mini * cfg.rollout.n,
                             total_steps=cfg.steps * algo.mini_batches, reference=algo.kl_coef > 0)
     run_dir = Path(cfg.logging.run_dir)
     state = checkpoint.load_checkpoint(learner, run_dir) if resume else None
-    if source is None:
-        source = build_stream_source(cfg, learner, state) if cfg.rollout.endpoint else build_local_source(cfg, learner)
-    if state and hasattr(source, "restore"):
-        source.restore(state["source"])
+    source = build_source(cfg, learner, state, feed=feed)
     if sync is None:
-        if cfg.rollout.endpoint:
-            sync = make_sync(cfg.rollout.weight_sync, run_dir=run_dir, announce=source.announce,
-                             bucket_mb=cfg.rollout.sync_bucket_mb)
-        else:
-            sync = MemorySync([source.backend], bucket_bytes=cfg.rollout.sync_bucket_mb << 20, run=source.run)
+        sync = make_weight_sync(cfg, source)
     trainer = GRPOTrainer(cfg, learner, source, sync, version=state["weight_version"] if state else 0,
                           step=state["step"] if state else 0)
     if state:
@@ -276,12 +348,15 @@ def run(cfg: GRPOConfig, *, resume: bool = False, source=None, sync=None, on_ste
     if learner.rank == 0:
         config_lib.save(cfg, run_dir / "config.yaml")
     history = []
+    resume_step = trainer.step_index if resume else None
+    rollouts = RolloutLog(run_dir, learner.rank, enabled=cfg.logging.rollouts, resume_step=resume_step)
     try:
-        with MetricsLog(run_dir, learner.rank, append=resume) as log:
+        with MetricsLog(run_dir, learner.rank, resume_step=resume_step) as log, rollouts:
             while trainer.step_index < cfg.steps:
                 row = trainer.step()
                 history.append(row)
                 log.write(row)
+                rollouts.write(row["step"], trainer.last_groups)
                 if learner.rank == 0 and (row["step"] - 1) % cfg.logging.log_every == 0:
                     print_row(row, header=len(history) == 1)
                 if on_step:
@@ -294,50 +369,6 @@ def run(cfg: GRPOConfig, *, resume: bool = False, source=None, sync=None, on_ste
     finally:
         source.close()
     return history
-
-
-def build_stream_source(cfg: GRPOConfig, learner, state: dict | None):
-    """Rank 0 listens on `rollout.endpoint` for the workers' groups (resuming their positions) and
-    starts `rollout.workers` worker processes on this node; others may connect from anywhere."""
-    from medvl_engine.trainers.sources import StreamSource
-
-    receiver, workers = None, []
-    if learner.rank == 0:
-        from medvl_engine.rollout.launcher import WorkerProcess
-        from medvl_engine.transport.channel import GroupReceiver
-
-        credits = cfg.rollout.credits or cfg.algo.prompts_per_step
-        start_seqs = state["source"]["positions"] if state else None
-        receiver = GroupReceiver(cfg.rollout.endpoint, credits=credits, start_seqs=start_seqs)
-        endpoint = receiver.endpoint.replace("0.0.0.0", "127.0.0.1")
-        Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
-        for i in range(cfg.rollout.workers):
-            workers.append(WorkerProcess(worker_arguments(cfg, endpoint, f"rollout-{i}", shard=i),
-                                         log_path=Path(cfg.logging.run_dir) / f"rollout-{i}.log",
-                                         name=f"rollout-{i}"))
-            workers[-1].start()
-    return StreamSource(receiver, rank=learner.rank, max_staleness=cfg.rollout.max_staleness,
-                        dynamic_sampling=cfg.algo.dynamic_sampling, workers=workers)
-
-
-def worker_arguments(cfg: GRPOConfig, endpoint: str, producer_id: str, *, shard: int = 0) -> list[str]:
-    """`medvl-engine rollout-worker` flags for this run (the same for a worker started by hand): worker
-    `shard` of `rollout.workers` takes every W-th prompt of the stream and seeds it by its position."""
-    from medvl_engine.models import resolve_model_path
-
-    r, data = cfg.rollout, cfg.data
-    args = ["--backend", r.backend, "--model", resolve_model_path(cfg.model.path), "--dataset", data.source,
-            "--split", data.split, "--connect", endpoint, "--producer-id", producer_id, "--n", str(r.n),
-            "--temperature", str(r.temperature), "--top-p", str(r.top_p),
-            "--max-new-tokens", str(r.max_response_tokens), "--max-staleness", str(r.max_staleness),
-            # Groups in flight on the backend: one step's worth (more only samples further off-policy).
-            "--max-in-flight", str(r.credits or cfg.algo.prompts_per_step),
-            "--seed", str(r.seed), "--shard-index", str(shard), "--num-shards", str(max(r.workers, 1))]
-    if data.shuffle:
-        args += ["--shuffle-seed", str(data.seed)]
-    if data.text_only:
-        args.append("--text-only")
-    return args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

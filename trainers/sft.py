@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from medvl_engine import config as config_lib
+from medvl_engine.rollout.stream import epoch_order
 from medvl_engine.trainers.config import SFTConfig
 
 
@@ -68,19 +68,12 @@ def encode_example(tokenizer, sample, *, max_tokens: int) -> SFTExample:
 
 
 def load_examples(cfg: SFTConfig, tokenizer) -> list[SFTExample]:
-    from medvl_engine.trainers.data import load_dataset
+    from medvl_engine.rollout.stream import load_data
 
-    samples = [s for s in load_dataset(cfg.data) if s.reasoning]
+    samples = [s for s in load_data(cfg.data) if s.reasoning]
     if not samples:
         raise ValueError(f"data.source {cfg.data.source!r}: no sample has a reasoning trace to train on")
     return [encode_example(tokenizer, s, max_tokens=cfg.max_tokens) for s in samples]
-
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The order of epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the same."""
-    if not shuffle:
-        return np.arange(n)
-    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 class SFTTrainer:
@@ -96,7 +89,8 @@ class SFTTrainer:
 
     def batch(self, step: int) -> list[SFTExample]:
         epoch, offset = divmod(step, self.steps_per_epoch)
-        order = epoch_order(len(self.examples), self.cfg.data.seed, epoch, self.cfg.data.shuffle)
+        # The one definition of data order (the prompt stream's): a function of (seed, epoch) only.
+        order = epoch_order(len(self.examples), self.cfg.data.seed if self.cfg.data.shuffle else None, epoch)
         start = offset * self.cfg.global_batch_size
         return [self.examples[i] for i in order[start : start + self.cfg.global_batch_size]]
 
@@ -158,7 +152,7 @@ def run(cfg: SFTConfig, *, resume: bool = False) -> list[dict]:
     if learner.rank == 0:
         config_lib.save(cfg, run_dir / "config.yaml")
     history = []
-    with MetricsLog(run_dir, learner.rank, append=resume) as log:
+    with MetricsLog(run_dir, learner.rank, resume_step=start if resume else None) as log:
         for step in range(start, steps):
             row = trainer.train_step(step)
             history.append(row)

@@ -1,26 +1,32 @@
-"""Where a GRPO step's groups come from: the rollout workers' stream, or a backend in this process.
+"""Where a GRPO step's groups come from: one ordered source over the rollout stream, whatever the placement.
 
-Both hand out `RolloutGroup` messages and keep a position a checkpoint can save and a resumed run
-can restore, so the run after `--resume` consumes exactly the groups the uninterrupted run would.
+    source = OrderedSource(feed, rank=rank, prompts_per_step=256, max_staleness=1, dynamic_sampling=False)
+    groups = source.next(256, version)      # RolloutGroups in stream-position order
 
-- `StreamSource`: a `GroupReceiver` on the transport (rank 0 receives, every rank gets the same
-  groups); drops groups more than `max_staleness` versions behind and, with dynamic sampling,
-  groups whose rewards are all equal; counts both and the workers' `RolloutError`s.
-- `LocalSource`: answers the dataset's questions with a backend in this process (the hf backend
-  sharing the machine with the learner), scored with the native scorer. Position k of the data
-  stream is always the same question sampled with the same seed.
+The RolloutPool is the only producer. A feed hands the source the pool's output as wire messages:
+- `LocalFeed`: a pool in this process over a backend sharing the machine with the learner (the
+  colocated placement); it runs on the source's calls, so generation and training alternate.
+- `TransportFeed`: the `GroupReceiver` that rollout worker processes stream into (the split
+  placement), and the workers this process started.
+
+`OrderedSource` consumes stream positions 0, 1, 2, ... in order, whichever worker made them and
+whenever they arrived (a reorder buffer), so a run trains on the same prompts in the same order with
+the same sample seeds in every placement. It opens the positions a step will consume (the window,
+announced with the weights: `max_staleness` steps ahead, none at 0), and it is the one place that
+drops a group: a RolloutError (counted, with its reason), a group more than `max_staleness` versions
+behind, and with dynamic sampling a group whose rewards are all equal (`is_constant`); each drop opens
+one more position. Its state (the next position and each producer's sequence number) goes into the
+checkpoint, so a resumed run continues the stream exactly where it stood.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from medvl_engine.transport.messages import RolloutError, RolloutGroup
+from medvl_engine.rollout.pool import FailedPrompt, RolloutPool, failed_message, is_constant, to_message
+from medvl_engine.transport.messages import RolloutError, RolloutGroup, WeightVersion
 
 
 @dataclass
@@ -29,12 +35,8 @@ class SourceStats:
     stale: int = 0
     constant: int = 0
     errors: int = 0
+    duplicates: int = 0
     error_reasons: list[str] = field(default_factory=list)
-
-
-def is_constant(group: RolloutGroup) -> bool:
-    rewards = group.reward_array()
-    return bool(rewards.size == 0 or np.all(rewards == rewards[0]))
 
 
 def _share(groups: list | None) -> list:
@@ -50,25 +52,122 @@ def _share(groups: list | None) -> list:
     return [decode(b) for b in payload[0]]
 
 
-class StreamSource:
-    """Groups from rollout workers over ZeroMQ (`GroupReceiver`); only rank 0 holds a receiver."""
+class LocalFeed:
+    """A RolloutPool in this process: its groups as wire messages, advanced only while the learner waits for them."""
 
-    def __init__(self, receiver, *, rank: int, max_staleness: int, dynamic_sampling: bool, timeout: float = 600.0,
-                 workers: list | None = None):
+    producer = "local"
+
+    def __init__(self, backend, stream, params, rollout, *, score=None):
+        self.backend = backend
+        self.stream = stream
+        self.loop = asyncio.new_event_loop()
+        self.pool = None
+        self._make_pool = lambda start: RolloutPool(
+            [backend], stream.requests(start), params, max_in_flight=rollout.max_in_flight,
+            max_staleness=rollout.max_staleness, retries=rollout.retries, timeout_s=rollout.timeout_s or None,
+            score=score)
+        self._items = None
+        self.seek(0)
+
+    def seek(self, position: int) -> None:
+        """Start the stream at `position` (a resumed run); only before the first group is taken."""
+        if self._items is not None:
+            raise RuntimeError("LocalFeed.seek after the stream started")
+        self.pool = self._make_pool(position)
+
+    def run(self, coroutine):
+        """Run `coroutine` on the pool's loop (weight pushes into the backend)."""
+        return self.loop.run_until_complete(coroutine)
+
+    def recv(self, timeout: float | None = None):
+        if self._items is None:
+            self._items = self.pool.stream()
+        try:
+            item = self.run(self._items.__anext__())
+        except StopAsyncIteration:
+            raise RuntimeError("the colocated prompt stream ended") from None
+        seq = item.request.position
+        if isinstance(item, FailedPrompt):
+            return failed_message(item, self.producer, seq)
+        return to_message(item, producer=self.producer, seq=seq)
+
+    def announce(self, update: WeightVersion) -> None:
+        self.pool.set_consumer_version(update.version)
+        if update.window >= 0:
+            self.pool.set_window(update.window)
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._items is not None:
+            self.run(self._items.aclose())
+        self.run(self.backend.shutdown())
+        self.loop.close()
+
+
+class TransportFeed:
+    """Rollout workers' groups over ZeroMQ (`GroupReceiver`), and the worker processes this learner started."""
+
+    def __init__(self, receiver, workers: list | None = None):
         self.receiver = receiver
         self.workers = list(workers or [])
+
+    def start_workers(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def recv(self, timeout: float | None = None):
+        return self.receiver.recv(timeout=timeout)
+
+    def announce(self, update: WeightVersion) -> None:
+        self.receiver.announce(update)
+
+    def seek(self, position: int) -> None:
+        pass  # workers resume from the sequence numbers the receiver was started with
+
+    def check(self) -> None:
+        for worker in self.workers:
+            worker.poll()  # restarts a dead worker or raises WorkerDied with its log tail
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.receiver.close()
+
+
+class OrderedSource:
+    """Groups in stream-position order from a feed (only rank 0 holds one); see the module docstring."""
+
+    def __init__(self, feed, *, rank: int, prompts_per_step: int, max_staleness: int, dynamic_sampling: bool,
+                 state: dict | None = None, timeout: float = 600.0):
+        self.feed = feed
         self.rank = rank
+        self.prompts_per_step = prompts_per_step
         self.max_staleness = max_staleness
         self.dynamic_sampling = dynamic_sampling
         self.timeout = timeout
         self.stats = SourceStats()
+        state = state or {}
+        self.position = int(state.get("position", 0))
+        self.seqs: dict[str, int] = dict(state.get("seqs", {}))
+        self.window = self.position
+        self._announced = WeightVersion(version=0, path="", window=self.position)
+        self._buffer: dict[int, RolloutGroup | RolloutError] = {}
+        if rank == 0:
+            self.feed.seek(self.position)
+            # Before any worker says Hello: a worker is told the window with its first Credit.
+            self.feed.announce(self._announced)
 
     def next(self, count: int, version: int) -> list[RolloutGroup]:
         groups = None
         if self.rank == 0:
             groups = []
             while len(groups) < count:
-                msg = self._recv()
+                self._open(version, count - len(groups))
+                msg = self._take(self.position)
+                self.position += 1
+                self.seqs[msg.producer] = msg.seq + 1
                 if isinstance(msg, RolloutError):
                     self.stats.errors += 1
                     self.stats.error_reasons.append(f"{msg.prompt_id}: {msg.reason}")
@@ -77,127 +176,53 @@ class StreamSource:
                 if version - msg.weight_version > self.max_staleness:
                     self.stats.stale += 1
                     continue
-                if self.dynamic_sampling and is_constant(msg):
+                if self.dynamic_sampling and is_constant(msg.reward_array()):
                     self.stats.constant += 1
                     continue
                 groups.append(msg)
         return _share(groups)
 
-    def _recv(self):
-        """The next message; while waiting, a worker this process started that died is an error."""
+    def _open(self, version: int, remaining: int) -> None:
+        """Let the producers start every position this step still needs, plus `max_staleness` steps ahead."""
+        window = self.position + remaining + self.max_staleness * self.prompts_per_step
+        if window > self.window or version > self._announced.version:
+            self.window = max(self.window, window)
+            self._send(WeightVersion(version=max(version, self._announced.version), path=self._announced.path,
+                                     window=self.window))
+
+    def _take(self, position: int) -> RolloutGroup | RolloutError:
         deadline = time.monotonic() + self.timeout
-        while True:
+        while position not in self._buffer:
             try:
-                return self.receiver.recv(timeout=1.0)
+                msg = self.feed.recv(timeout=1.0)
             except TimeoutError:
-                for worker in self.workers:
-                    worker.poll()  # restarts a dead worker or raises WorkerDied with its log tail
+                self.feed.check()
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"no rollout group for {self.timeout:.0f} s") from None
+                    raise TimeoutError(f"no rollout group for stream position {position} in {self.timeout:.0f} s") \
+                        from None
+                continue
+            if msg.position < 0:
+                raise ValueError(f"producer {msg.producer!r} sent {msg.prompt_id!r} without a stream position "
+                                 "(a rollout worker of an older version?)")
+            if msg.position < position or msg.position in self._buffer:
+                self.stats.duplicates += 1
+                continue
+            self._buffer[msg.position] = msg
+            deadline = time.monotonic() + self.timeout
+        return self._buffer.pop(position)
 
-    def announce(self, update) -> None:
+    def announce(self, update: WeightVersion) -> None:
+        """New weights (from the weight sync): passed on with the current window."""
         if self.rank == 0:
-            self.receiver.announce(update)
+            self._send(WeightVersion(version=update.version, path=update.path, window=self.window))
+
+    def _send(self, update: WeightVersion) -> None:
+        self._announced = update
+        self.feed.announce(update)
 
     def state(self) -> dict:
-        return {"positions": self.receiver.positions() if self.rank == 0 else {}}
+        return {"position": self.position, "seqs": dict(self.seqs)}
 
     def close(self) -> None:
-        for worker in self.workers:
-            worker.stop()
         if self.rank == 0:
-            self.receiver.close()
-
-
-class LocalSource:
-    """Groups sampled in this process by `backend` from `samples` (data position = prompts drawn so far).
-
-    Every rank samples the same groups (same seeds), so no broadcast is needed; on GPUs rank 0 alone
-    would sample and share, here the tests and the colocated CPU run have one rank.
-    """
-
-    def __init__(self, backend, tokenizer, samples: list, *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int, dynamic_sampling: bool = False, producer: str = "local",
-                 render: Callable | None = None, score: Callable | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None):
-        from medvl_engine.prompts import render_prompt
-        from medvl_engine.rewards import score_samples
-        from medvl_engine.rollout.types import SamplingParams
-
-        if not samples:
-            raise ValueError("LocalSource: no samples")
-        self.backend = backend
-        self.tokenizer = tokenizer
-        self.samples = samples
-        self.n = n
-        self.params = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        self._params_type = SamplingParams
-        self.seed = seed
-        self.dynamic_sampling = dynamic_sampling
-        self.producer = producer
-        # MedVLThinker's prompt and format-gated reward unless a task brings its own (the toy task of the tests).
-        self.render = render or render_prompt
-        self.score = score or score_samples
-        self.position = 0
-        self.loop = loop or asyncio.new_event_loop()
-        self.stats = SourceStats()
-
-    def run(self, coroutine):
-        return self.loop.run_until_complete(coroutine)
-
-    def sample_at(self, position: int):
-        epoch, offset = divmod(position, len(self.samples))
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
-        return self.samples[order[offset]]
-
-    def next(self, count: int, version: int) -> list[RolloutGroup]:
-        groups: list[RolloutGroup] = []
-        while len(groups) < count:
-            need = count - len(groups)
-            positions = list(range(self.position, self.position + need))
-            self.position += need
-            made = self.run(self._groups(positions))
-            for group in made:
-                self.stats.received += 1
-                if self.dynamic_sampling and is_constant(group):
-                    self.stats.constant += 1
-                    continue
-                groups.append(group)
-        return groups
-
-    async def _groups(self, positions: list[int]) -> list[RolloutGroup]:
-        return await asyncio.gather(*(self._group(p) for p in positions))
-
-    async def _group(self, position: int) -> RolloutGroup:
-        from medvl_engine.rollout.types import PromptRequest
-
-        sample = self.sample_at(position)
-        text = self.render(self.tokenizer, sample)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        request = PromptRequest(prompt_id=f"{sample.dataset_name}:{sample.dataset_index}:{position}",
-                                input_ids=ids, text=text, images=list(sample.images), sample=sample)
-        # The seed is a function of the data position: a resumed run samples the same answers.
-        params = self._params_type(**self.params, seed=self.seed * 1_000_003 + position)
-        completions = await self.backend.generate(request, params)
-        texts = [c.text for c in completions]
-        scores = self.score(texts, [sample] * len(texts))
-        return RolloutGroup.build(
-            producer=self.producer, seq=position, prompt_id=request.prompt_id, dataset_name=sample.dataset_name,
-            dataset_index=sample.dataset_index, weight_version=min(c.weight_version for c in completions),
-            answer_label=sample.answer_label, prompt_ids=ids, response_ids=[c.token_ids for c in completions],
-            logprobs=[c.logprobs for c in completions], texts=texts,
-            finish_reasons=[c.finish_reason for c in completions], rewards=scores.reward,
-            correct=scores.correct, format_ok=scores.format_ok, letters=list(scores.letter))
-
-    def announce(self, update) -> None:
-        pass
-
-    def state(self) -> dict:
-        return {"position": self.position}
-
-    def restore(self, state: dict) -> None:
-        self.position = int(state["position"])
-
-    def close(self) -> None:
-        self.run(self.backend.shutdown())
-        self.loop.close()
+            self.feed.close()

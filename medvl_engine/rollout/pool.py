@@ -21,7 +21,12 @@ attempt's reason. A prompt is scored once, after its one successful attempt.
 
 Dynamic sampling: groups whose rewards are all equal carry no GRPO signal; they are dropped and
 counted (`stats.dropped_constant`) and the pool keeps pulling prompts until `limit` useful groups
-have been yielded or the prompts run out.
+have been yielded or the prompts run out. (A learner consuming an ordered stream filters them itself,
+with the same `is_constant`, so that dropped positions are still accounted for.)
+
+Window (`set_window(end)`): requests whose stream `position` is `end` or more are not started until
+the consumer raises the window. A learner opens exactly the positions its step will consume, so no
+answer is generated that would be too stale to train on (and none is thrown away).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,7 +57,8 @@ class ScoredGroup:
     rewards: np.ndarray  # float32 [n]
     correct: np.ndarray  # bool [n]
     format_ok: np.ndarray  # bool [n]
-    letters: list[str]
+    letters: list[str]  # the option letter each answer maps to ("" when none)
+    parsed: list[str]  # the extracted answer of each answer (the parser mode's extraction, not lowered)
     weight_version: int  # the oldest policy version among the answers
     attempts: int = 1
 
@@ -60,7 +66,7 @@ class ScoredGroup:
         n = len(self.completions)
         if n == 0:
             raise ValueError(f"ScoredGroup {self.request.prompt_id!r}: no completions")
-        for name in ("rewards", "correct", "format_ok", "letters"):
+        for name in ("rewards", "correct", "format_ok", "letters", "parsed"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"ScoredGroup {self.request.prompt_id!r}: {name} has "
                                  f"{len(getattr(self, name))} entries for {n} completions")
@@ -72,6 +78,12 @@ class ScoredGroup:
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.completions)
+
+
+def is_constant(rewards) -> bool:
+    """True when every reward of a group is the same (no GRPO signal): the one dynamic-sampling test."""
+    rewards = np.asarray(rewards)
+    return bool(rewards.size == 0 or np.all(rewards == rewards.flat[0]))
 
 
 @dataclass
@@ -119,6 +131,7 @@ class RolloutPool:
         retries: int = 2,
         timeout_s: float | None = None,
         score_mode: str = "reward",
+        score: Callable | None = None,
     ):
         from medvl_engine.rewards import check_mode
 
@@ -144,8 +157,12 @@ class RolloutPool:
         self.retries = retries
         self.timeout_s = timeout_s
         self.score_mode = score_mode
+        # A task's own reward (`score(texts, samples) -> ScoreResult`); default: MedVLThinker's parser.
+        self.score = score
         self.stats = PoolStats()
         self._requests: Iterator[PromptRequest] = iter(requests)
+        self._next: PromptRequest | None = None  # pulled from `requests`, held back by the window
+        self._window: int | None = None
         self._exhausted = False
         self._load = [0] * len(self.backends)
         self._in_flight_versions: dict[asyncio.Task, int] = {}
@@ -165,6 +182,13 @@ class RolloutPool:
         """The learner's current policy version (callable from any thread); drives the staleness bound."""
         with self._lock:
             self._consumer_version = max(self._consumer_version, int(version))
+        if self._loop is not None and self._wakeup is not None:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def set_window(self, end: int | None) -> None:
+        """Start only requests whose stream position is below `end` (None: no window); callable from any thread."""
+        with self._lock:
+            self._window = None if end is None else int(end)
         if self._loop is not None and self._wakeup is not None:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
@@ -188,7 +212,7 @@ class RolloutPool:
             while limit is None or emitted < limit:
                 self._start_groups(tasks, None if limit is None else limit - emitted)
                 if not tasks:
-                    if self._exhausted:
+                    if self._exhausted and self._next is None:
                         return
                     # Only the staleness bound holds us: wait for a new consumer or backend version.
                     self.stats.staleness_waits += 1
@@ -211,7 +235,7 @@ class RolloutPool:
                         self.stats.failed += 1
                         yield item
                         continue
-                    if self.dynamic_sampling and bool(np.all(item.rewards == item.rewards[0])):
+                    if self.dynamic_sampling and is_constant(item.rewards):
                         self.stats.dropped_constant += 1
                         continue
                     self.stats.groups_emitted += 1
@@ -235,16 +259,27 @@ class RolloutPool:
             index = self._pick_backend(exclude=())
             if index is None or not self._fresh_enough(self.backends[index].weight_version):
                 return
-            try:
-                request = next(self._requests)
-            except StopIteration:
-                self._exhausted = True
+            request = self._peek()
+            if request is None or not self._in_window(request):
                 return
+            self._next = None
             self.stats.prompts_started += 1
             self._load[index] += 1  # reserved now: the task only starts running at the next await
             task = asyncio.ensure_future(self._run_group(request, index))
             self._in_flight_versions[task] = self.backends[index].weight_version
             tasks.add(task)
+
+    def _peek(self) -> PromptRequest | None:
+        if self._next is None and not self._exhausted:
+            try:
+                self._next = next(self._requests)
+            except StopIteration:
+                self._exhausted = True
+        return self._next
+
+    def _in_window(self, request: PromptRequest) -> bool:
+        window = self._window
+        return window is None or request.position < window
 
     def _pick_backend(self, exclude: Iterable[int]) -> int | None:
         """Least-loaded backend with a free slot, preferring those not in `exclude` (they failed this prompt)."""
@@ -261,8 +296,13 @@ class RolloutPool:
         return self._consumer_version - oldest <= self.max_staleness
 
     def _gated(self) -> bool:
+        """A backend is free and a prompt waits, but the staleness bound or the window holds it back."""
         index = self._pick_backend(exclude=())
-        return index is not None and not self._exhausted and not self._fresh_enough(self.backends[index].weight_version)
+        if index is None or (self._exhausted and self._next is None):
+            return False
+        if not self._fresh_enough(self.backends[index].weight_version):
+            return True
+        return self._next is not None and not self._in_window(self._next)
 
     async def _run_group(self, request: PromptRequest, index: int) -> ScoredGroup | FailedPrompt:
         """Generate with retries, holding one backend slot per attempt, then score once.
@@ -304,13 +344,16 @@ class RolloutPool:
     def _score(self, request: PromptRequest, completions: list[Completion], attempts: int) -> ScoredGroup:
         from medvl_engine.rewards import score_samples
 
-        # One group is a handful of rows: threads=1 scores them on this thread without a pool hand-off.
-        result = score_samples([c.text for c in completions], [request.sample] * len(completions),
-                               mode=self.score_mode, threads=1)
+        texts, samples = [c.text for c in completions], [request.sample] * len(completions)
+        if self.score is not None:
+            result = self.score(texts, samples)
+        else:
+            # One group is a handful of rows: threads=1 scores them on this thread without a pool hand-off.
+            result = score_samples(texts, samples, mode=self.score_mode, threads=1)
         self.stats.tokens_generated += sum(c.num_tokens for c in completions)
         return ScoredGroup(
             request=request, completions=completions, rewards=result.reward, correct=result.correct,
-            format_ok=result.format_ok, letters=list(result.letter),
+            format_ok=result.format_ok, letters=list(result.letter), parsed=list(result.parsed),
             weight_version=min(c.weight_version for c in completions), attempts=attempts,
         )
 
@@ -339,4 +382,15 @@ def to_message(group: ScoredGroup, producer: str, seq: int) -> RolloutGroup:
         correct=group.correct,
         format_ok=group.format_ok,
         letters=group.letters,
+        parsed=group.parsed,
+        position=request.position,
+        seed=request.seed,
     )
+
+
+def failed_message(item: FailedPrompt, producer: str, seq: int):
+    """The wire form of a prompt whose every attempt failed: it takes its sequence number like a group."""
+    from medvl_engine.transport.messages import RolloutError
+
+    return RolloutError(producer=producer, seq=seq, prompt_id=item.request.prompt_id, reason=item.reason,
+                        attempts=item.attempts, position=item.request.position)

@@ -73,7 +73,8 @@ class PromptRequest:
     the worker fills both so any backend can use the form it prefers. `images` are PIL images in the
     order their placeholders appear. `sample` is the dataset record the answers are scored against.
     `seed`, when given, overrides `SamplingParams.seed` for this request alone (a pool hands one
-    SamplingParams to every request; the seed is what differs, e.g. `derive_seed(run_seed, position)`).
+    SamplingParams to every request; the seed is what differs: `derive_seed(run_seed, position)`).
+    `position` is the request's place in its PromptStream (-1: not from a stream).
     """
 
     prompt_id: str
@@ -82,6 +83,7 @@ class PromptRequest:
     images: list[Any] = field(default_factory=list)
     sample: Sample | None = None
     seed: int | None = None
+    position: int = -1
 
     def __post_init__(self):
         if not isinstance(self.prompt_id, str) or not self.prompt_id:

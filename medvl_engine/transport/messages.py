@@ -54,10 +54,13 @@ class Goodbye(msgspec.Struct, tag="goodbye"):
 
 
 class WeightVersion(msgspec.Struct, tag="weights"):
-    """Learner -> workers: policy `version` is ready (at `path` when it travels through disk)."""
+    """Learner -> workers: policy `version` is ready (at `path` when it travels through disk), and the
+    learner consumes stream positions below `window` (-1: no window): workers start no position at or
+    beyond it, so nothing is generated that the learner would have to drop as too stale."""
 
     version: int
     path: str = ""
+    window: int = -1
 
 
 class RolloutError(msgspec.Struct, tag="error"):
@@ -68,6 +71,7 @@ class RolloutError(msgspec.Struct, tag="error"):
     prompt_id: str
     reason: str
     attempts: int = 0
+    position: int = -1  # the prompt's position in the PromptStream
 
 
 class RolloutGroup(msgspec.Struct, tag="group"):
@@ -88,7 +92,10 @@ class RolloutGroup(msgspec.Struct, tag="group"):
     rewards: bytes  # float32 [n]
     correct: bytes  # bool [n]
     format_ok: bytes  # bool [n]
-    letters: list[str]
+    letters: list[str]  # the option letter each answer maps to ("" when none)
+    parsed: list[str] = []  # the extracted answer of each answer
+    position: int = -1  # the prompt's position in the PromptStream (same for every placement)
+    seed: int = -1  # the sampling seed of that position (-1: none)
 
     @property
     def n(self) -> int:
@@ -133,11 +140,14 @@ class RolloutGroup(msgspec.Struct, tag="group"):
         correct: Sequence[bool] | np.ndarray,
         format_ok: Sequence[bool] | np.ndarray,
         letters: Sequence[str],
+        parsed: Sequence[str] | None = None,
+        position: int = -1,
+        seed: int | None = None,
     ) -> RolloutGroup:
         n = len(response_ids)
         for name, seq_ in (("logprobs", logprobs), ("texts", texts), ("finish_reasons", finish_reasons),
                            ("rewards", rewards), ("correct", correct), ("format_ok", format_ok),
-                           ("letters", letters)):
+                           ("letters", letters), ("parsed", parsed if parsed is not None else texts)):
             if len(seq_) != n:
                 raise ValueError(f"RolloutGroup {prompt_id!r}: {name} has {len(seq_)} entries, expected {n}")
         return cls(
@@ -157,6 +167,9 @@ class RolloutGroup(msgspec.Struct, tag="group"):
             correct=_buffer(correct, np.bool_),
             format_ok=_buffer(format_ok, np.bool_),
             letters=list(letters),
+            parsed=list(parsed) if parsed is not None else [""] * n,
+            position=int(position),
+            seed=-1 if seed is None else int(seed),
         )
 
 

@@ -21,18 +21,19 @@ from medvl_engine.evals.results import read_records
 from medvl_engine.prompts import render_prompt
 
 KEYS = {"dataset_name", "dataset_index", "answer_label", "answer", "options", "prompts", "parsed_outputs",
-        "num_rollouts", "num_correct"}
+        "num_rollouts", "num_correct", "position", "seed"}
 
 
 def _eval_args(model_dir, out, *extra):
-    return ["eval", "--model", str(model_dir), "--source", "bundled", "--ignore-images", "--output", str(out), *extra]
+    return ["eval", "--model", str(model_dir), "--data.source", "bundled", "--data.ignore-images", "--output", str(out),
+            *extra]
 
 
 def test_eval_command_end_to_end(tiny_llama_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     out = tmp_path / "run"
-    assert cli(_eval_args(tiny_llama_dir, out, "--max-new-tokens", "8", "--repeats", "2")) == 0
+    assert cli(_eval_args(tiny_llama_dir, out, "--rollout.max-response-tokens", "8", "--repeats", "2")) == 0
     printed = capsys.readouterr().out
     assert "| regrade mean" in printed and "| questions" in printed
 
@@ -48,18 +49,22 @@ def test_eval_command_end_to_end(tiny_llama_dir, tmp_path, capsys):
                 s.answer_label, s.answer, s.options, s.dataset_name)
             (output,) = r["parsed_outputs"]
             assert r["num_rollouts"] == 1 and 1 <= output["num_tokens"] <= 8
-            # Stored flags are MedVLThinker's offline-eval grading of the stored text.
-            assert output["pred_letter"] == grading.extract_eval(output["output_text"])
-            assert output["is_correct"] == grading.grade_answer(output["pred_letter"], s.answer, s.answer_label)
+            assert r["seed"] == -1  # greedy: no sampling seed
+            # Stored flags are MedVLThinker's offline-eval grading of the stored text, scored once by the pool.
+            assert output["parsed"] == grading.extract_eval(output["output_text"])
+            assert output["pred_letter"] == (output["letter"] or output["parsed"])
+            assert output["letter"] == "" or s.options[output["letter"]] is not None
+            assert output["is_correct"] == grading.grade_answer(output["parsed"], s.answer, s.answer_label)
             assert r["num_correct"] == int(output["is_correct"])
     # Greedy decoding: the two repeats answer identically.
     assert [r["parsed_outputs"] for r in repeats[0]] == [r["parsed_outputs"] for r in repeats[1]]
 
     manifest = json.loads((out / "manifest.json").read_text())
     identity = manifest["identity"]
-    assert identity["engine"]["model"] == str(tiny_llama_dir) and identity["engine"]["backend"] == "hf"
-    assert identity["decoding"] == {"n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 8,
-                                    "seed": 42}
+    assert identity["run"]["model"] == str(tiny_llama_dir) and identity["rollout"]["backend"] == "hf"
+    keys = ("n", "temperature", "top_p", "top_k", "max_response_tokens", "seed")
+    decoding = {k: identity["rollout"][k] for k in keys}
+    assert decoding == {"n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_response_tokens": 8, "seed": 42}
     assert identity["data"]["source"] == "bundled" and identity["data"]["ignore_images"] is True
     (attempt,) = manifest["attempts"]
     assert {"commit", "date", "device", "versions"} <= set(attempt)
@@ -77,7 +82,7 @@ def test_eval_command_end_to_end(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_resume_after_a_kill_gives_the_same_file(tiny_llama_dir, tmp_path):
-    args = ["--max-new-tokens", "24", "--max-batch", "1"]
+    args = ["--rollout.max-response-tokens", "24", "--rollout.max-batch", "1"]
     killed = tmp_path / "killed"
     results = killed / "v0" / "results.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -110,21 +115,24 @@ def test_resume_after_a_kill_gives_the_same_file(tiny_llama_dir, tmp_path):
     assert len(json.loads((killed / "manifest.json").read_text())["attempts"]) == 2
 
     # Resuming with other settings would mix two configurations in one file: refused.
-    with pytest.raises(ValueError, match=r"decoding.max_new_tokens: 24 in the folder, 12 now"):
-        cli(_eval_args(tiny_llama_dir, killed, "--max-new-tokens", "12"))
+    with pytest.raises(ValueError, match=r"rollout.max_response_tokens: 24 in the folder, 12 now"):
+        cli(_eval_args(tiny_llama_dir, killed, "--rollout.max-response-tokens", "12"))
 
 
 def test_eval_with_images_on_a_tiny_qwen2_5_vl(tmp_path):
     from tiny_models import image_only_qwen2_5_vl_processor, qwen_tokenizer, tiny_qwen2_5_vl
 
     from medvl_engine.evals.evaluate import EvalConfig, evaluate
+    from medvl_engine.rollout.config import DataConfig, RolloutConfig
     from medvl_engine.rollout.hf_backend import HFBackend
 
     tokenizer = qwen_tokenizer()
     processor = image_only_qwen2_5_vl_processor(tokenizer)
     backend = HFBackend(tiny_qwen2_5_vl(tokenizer), processor, max_batch=4)
-    cfg = EvalConfig(model="tiny-qwen2.5-vl", source="bundled", subset=["slake_closed", "MMMU-medical"], limit=4,
-                     max_new_tokens=6, output=str(tmp_path / "vl"))
+    cfg = EvalConfig(model="tiny-qwen2.5-vl", output=str(tmp_path / "vl"),
+                     data=DataConfig(source="bundled", subset=["slake_closed", "MMMU-medical"], max_samples=4,
+                                     shuffle=False),
+                     rollout=RolloutConfig(n=1, temperature=0.0, max_response_tokens=6))
     stats, markdown = evaluate(cfg, backends=[backend], renderer=processor)
     assert stats[0].written == 4 and not stats[0].failed
     by_index = load_bundled().by_index()

@@ -12,16 +12,17 @@ from medvl_engine.cli import main as cli
 from medvl_engine.data import load_samples
 from medvl_engine.evals.passrate import histogram, histogram_text
 from medvl_engine.evals.results import read_records
+from medvl_engine.rollout.types import derive_seed
 
 
 def _passrate_args(model_dir, out, *extra):
-    return ["passrate", "--model", str(model_dir), "--source", "bundled", "--ignore-images", "--n", "4",
-            "--max-new-tokens", "6", "--output", str(out), *extra]
+    return ["passrate", "--model", str(model_dir), "--data.source", "bundled", "--data.ignore-images",
+            "--rollout.n", "4", "--rollout.max-response-tokens", "6", "--output", str(out), *extra]
 
 
 def test_passrate_then_curate(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "passrate"
-    assert cli(_passrate_args(tiny_llama_dir, out, "--limit", "8")) == 0
+    assert cli(_passrate_args(tiny_llama_dir, out, "--data.max-samples", "8")) == 0
     printed = capsys.readouterr().out
     rows = read_records(out / "results.jsonl")
     assert len(rows) == 8
@@ -42,18 +43,22 @@ def test_passrate_then_curate(tiny_llama_dir, tmp_path, capsys):
     assert (out / "histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["command"] == "passrate"
-    assert manifest["identity"]["decoding"] == {"n": 4, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
-                                                "max_new_tokens": 6, "seed": 42}
+    rollout = manifest["identity"]["rollout"]
+    decoding = {k: rollout[k] for k in ("n", "temperature", "top_p", "top_k", "max_response_tokens", "seed")}
+    assert decoding == {"n": 4, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_response_tokens": 6, "seed": 42}
+    # Question k is stream position k and samples with the seed derived from (run seed, k).
+    assert [r["position"] for r in rows] == list(range(8))
+    assert [r["seed"] for r in rows] == [derive_seed(42, k) for k in range(8)]
 
     # Each question samples with its own seed: a run over the first 4 questions answers them exactly as
     # the run over 8 did, whatever ran before them.
     first = tmp_path / "first4"
-    assert cli(_passrate_args(tiny_llama_dir, first, "--limit", "4")) == 0
+    assert cli(_passrate_args(tiny_llama_dir, first, "--data.max-samples", "4")) == 0
     assert read_records(first / "results.jsonl") == rows[:4]
 
     # Resuming a finished run generates nothing and leaves the file as it was.
     before = (out / "results.jsonl").read_bytes()
-    assert cli(_passrate_args(tiny_llama_dir, out, "--limit", "8")) == 0
+    assert cli(_passrate_args(tiny_llama_dir, out, "--data.max-samples", "8")) == 0
     assert (out / "results.jsonl").read_bytes() == before
     assert len(json.loads((out / "manifest.json").read_text())["attempts"]) == 2
 

@@ -228,10 +228,12 @@ def test_to_message_round_trips_through_the_wire_format():
         assert np.array_equal(message.logprob_array(k), completion.logprobs)
     assert np.array_equal(message.reward_array(), group.rewards)
     assert message.letters == group.letters and message.texts == [c.text for c in group.completions]
+    assert message.parsed == group.parsed and len(message.parsed) == group.n
+    assert message.position == group.request.position
     text_only = PromptRequest("t", text="no ids", sample=group.request.sample)
     with pytest.raises(ValueError, match="no input_ids"):
         to_message(ScoredGroup(text_only, group.completions, group.rewards, group.correct, group.format_ok,
-                               group.letters, 0), "w0", 0)
+                               group.letters, group.parsed, 0), "w0", 0)
 
 
 def test_bad_arguments_are_named():

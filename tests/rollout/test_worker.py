@@ -10,6 +10,7 @@ import asyncio
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,10 +18,12 @@ from tiny_models import byte_tokenizer, tiny_llama
 
 from medvl_engine.data import load_bundled
 from medvl_engine.prompts import render_prompt
+from medvl_engine.rollout.config import RolloutConfig
 from medvl_engine.rollout.hf_backend import HFBackend
 from medvl_engine.rollout.launcher import WorkerDied, WorkerProcess
-from medvl_engine.rollout.types import SamplingParams
-from medvl_engine.rollout.worker import RolloutWorker, stream_samples
+from medvl_engine.rollout.stream import PromptStream
+from medvl_engine.rollout.types import derive_seed
+from medvl_engine.rollout.worker import RolloutWorker
 from medvl_engine.transport.channel import GroupReceiver, GroupSender
 from medvl_engine.transport.messages import RolloutGroup, WeightVersion
 
@@ -36,10 +39,10 @@ def policy_dirs(tmp_path_factory):
 
 
 def worker_args(policy, endpoint, *, max_prompts: int) -> list[str]:
-    return ["--backend", "hf", "--model", str(policy), "--dataset", "bundled", "--text-only",
-            "--connect", endpoint, "--producer-id", "w0", "--n", "3", "--max-new-tokens", "6",
-            "--max-prompts", str(max_prompts), "--max-in-flight", "2", "--max-batch", "6",
-            "--handshake-timeout-s", "60"]
+    return ["--rollout.backend", "hf", "--model", str(policy), "--data.source", "bundled", "--data.text-only",
+            "--no-data.shuffle", "--connect", endpoint, "--producer-id", "w0", "--rollout.n", "3",
+            "--rollout.max-response-tokens", "6", "--max-prompts", str(max_prompts), "--rollout.max-in-flight", "2",
+            "--rollout.max-batch", "6", "--handshake-timeout-s", "60"]
 
 
 def receive(receiver, count: int, worker: WorkerProcess, timeout: float = 120) -> list:
@@ -70,8 +73,11 @@ def test_worker_streams_groups_applies_weights_and_resumes_after_a_kill(policy_d
         messages = first + rest
         assert [m.seq for m in messages] == list(range(8))
         assert all(isinstance(m, RolloutGroup) and m.n == 3 and m.producer == "w0" for m in messages)
-        for m, (position, _, sample) in zip(messages, stream_samples(text_samples, 0, 8, None)):
+        stream = PromptStream(text_samples, tokenizer, shuffle_seed=None, sample_seed=0)
+        for position, m in enumerate(messages):
+            sample = stream.sample_at(position)
             assert m.prompt_id == f"{sample.dataset_name}/{sample.dataset_index}@{position}"
+            assert (m.position, m.seed) == (position, derive_seed(0, position))
             assert m.dataset_index == sample.dataset_index and m.answer_label == sample.answer_label
             prompt = tokenizer(render_prompt(tokenizer, sample), add_special_tokens=False)["input_ids"]
             assert m.prompt_array().tolist() == prompt
@@ -135,9 +141,10 @@ def stream_from(position: int, stop: int, endpoint: str, model, tokenizer, sampl
     thread.start()
     sender = GroupSender(receiver.endpoint, "w0")
     try:
-        worker = RolloutWorker(HFBackend(model, tokenizer, max_batch=max_batch), sender, samples, tokenizer,
-                               SamplingParams(n=3, temperature=1.0, max_new_tokens=8), max_in_flight=max_in_flight,
-                               max_prompts=stop, seed=seed, handshake_timeout_s=30)
+        rollout = RolloutConfig(n=3, temperature=1.0, max_response_tokens=8, max_in_flight=max_in_flight)
+        stream = PromptStream(samples, tokenizer, shuffle_seed=None, sample_seed=seed, stop=stop)
+        worker = RolloutWorker(HFBackend(model, tokenizer, max_batch=max_batch), sender, stream,
+                               rollout.sampling_params(logprobs=True), rollout, handshake_timeout_s=30)
         assert asyncio.run(asyncio.wait_for(worker.run(), 120)) == stop - position
     finally:
         thread.join(60)
@@ -173,17 +180,24 @@ def test_a_worker_restarted_at_position_k_regenerates_the_same_groups(tmp_path):
 
 
 def test_data_parallel_shards_split_each_epoch_without_overlap():
-    samples = list(range(10))  # stream_samples only indexes the sequence
-    shards = [list(stream_samples(samples, 0, 7, shuffle_seed=3, shard=i, num_shards=3)) for i in range(3)]
-    globals_ = sorted(g for shard in shards for _, g, _ in shard)
-    assert globals_ == list(range(21))  # positions 0..6 of 3 shards cover global positions 0..20 once
-    whole = {g: s for _, g, s in stream_samples(samples, 0, 21, shuffle_seed=3)}
-    for i, shard in enumerate(shards):
-        assert [p for p, _, _ in shard] == list(range(7))
-        assert all(g == p * 3 + i and s == whole[g] for p, g, s in shard)
-    epoch0 = [s for shard in shards for _, g, s in shard if g < 10]
-    assert sorted(epoch0) == samples  # one epoch answers every prompt exactly once across the workers
-    # a worker resumed at position 4 continues its own share
-    assert list(stream_samples(samples, 4, 7, shuffle_seed=3, shard=1, num_shards=3)) == shards[1][4:]
+    samples = [SimpleNamespace(index=i) for i in range(10)]
+    renderer = None  # positions only: no request is built
+    whole = PromptStream(samples, renderer, shuffle_seed=3, sample_seed=0)
+    shards = [PromptStream(samples, renderer, shuffle_seed=3, sample_seed=0, shard=i, num_shards=3) for i in range(3)]
+    # Shard i owns positions i, i + 3, ...: 3 shards cover every position once, each with the whole stream's
+    # sample and seed for that position.
+    owned = {i: [p for p in range(21) if shards[i].first_position(p) == p] for i in range(3)}
+    assert sorted(p for ps in owned.values() for p in ps) == list(range(21))
+    for i, positions in owned.items():
+        assert positions == list(range(i, 21, 3))
+        assert all(shards[i].sample_at(p) is whole.sample_at(p) and shards[i].seed_at(p) == whole.seed_at(p)
+                   for p in positions)
+    assert sorted(whole.sample_at(p).index for p in range(10)) == list(range(10))  # an epoch: each once
+    assert [whole.sample_at(p).index for p in range(10)] != list(range(10))  # shuffled
+    assert [whole.sample_at(p).index for p in range(10, 20)] != [whole.sample_at(p).index for p in range(10)]
+    in_order = PromptStream(samples, renderer, shuffle_seed=None, sample_seed=None)
+    assert [in_order.sample_at(p).index for p in range(12)] == [*range(10), 0, 1] and in_order.seed_at(5) is None
+    # A worker resumed at position 4 continues with its own next position.
+    assert shards[1].first_position(4) == 4 and shards[2].first_position(4) == 5 and shards[0].first_position(4) == 6
     with pytest.raises(ValueError, match="shard 3"):
-        next(stream_samples(samples, 0, 1, None, shard=3, num_shards=3))
+        PromptStream(samples, renderer, shuffle_seed=None, sample_seed=None, shard=3, num_shards=3)

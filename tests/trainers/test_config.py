@@ -24,6 +24,7 @@ def test_defaults_are_medvlthinkers_recipe():
         1e-6, "constant", 0.01, 1.0)
     assert (grpo.algo.kl_coef, grpo.algo.kl_type, grpo.algo.entropy_coef) == (0.01, "low_var_kl", 0.0)
     assert (grpo.algo.clip_low, grpo.algo.clip_high, grpo.algo.loss_agg) == (0.2, 0.2, "token-mean")
+    assert grpo.algo.clip_ratio_c == 3.0  # verl's dual-clip default at the commit MedVLThinker pins
     assert (grpo.algo.prompts_per_step, grpo.algo.mini_batches) == (256, 2)
     assert (grpo.rollout.max_prompt_tokens, grpo.rollout.max_response_tokens, grpo.model.dtype) == (2048, 4096, "bf16")
     sft = SFTConfig()
@@ -50,9 +51,9 @@ def test_a_partial_section_keeps_the_run_configs_own_defaults():
 
 def test_toml_and_round_trip(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('steps = 3\n[algo]\nkl_type = "k2"\ndynamic_sampling = true\n')
+    path.write_text('steps = 3\n[algo]\nkl_type = "k2"\n[rollout]\ndynamic_sampling = true\n')
     cfg = config_lib.load(GRPOConfig, path)
-    assert cfg.algo.kl_type == "k2" and cfg.algo.dynamic_sampling and cfg.steps == 3
+    assert cfg.algo.kl_type == "k2" and cfg.rollout.dynamic_sampling and cfg.steps == 3
     saved = config_lib.save(cfg, tmp_path / "out.yaml")
     assert config_lib.load(GRPOConfig, saved) == cfg
 

@@ -45,7 +45,8 @@ def toy_config(model_dir, run_dir, **algo) -> GRPOConfig:
     return config_lib.build(GRPOConfig, {
         "model": {"path": str(model_dir), "dtype": "fp32", "gradient_checkpointing": False},
         "optim": {"lr": 2e-2},
-        "rollout": {"n": 16, "max_response_tokens": 2, "seed": 3},
+        # Staleness 0: every step samples with the weights of the step before (on-policy).
+        "rollout": {"n": 16, "max_response_tokens": 2, "seed": 3, "max_staleness": 0},
         "algo": {"prompts_per_step": 4, "mini_batches": 2, "kl_coef": 0.0, **algo},
         "deepspeed": {"micro_batch_size": 8},
         "logging": {"run_dir": str(run_dir)},
@@ -54,26 +55,26 @@ def toy_config(model_dir, run_dir, **algo) -> GRPOConfig:
     })
 
 
-def toy_source(cfg: GRPOConfig):
+def toy_feed(cfg: GRPOConfig):
+    """The colocated feed of the run (hf backend in this process, the run's own prompt stream and pool)
+    with the toy task's prompt and reward in place of MedVLThinker's."""
     from medvl_engine.rollout.hf_backend import HFBackend
+    from medvl_engine.rollout.stream import PromptStream
     from medvl_engine.trainers.model import load_tokenizer
-    from medvl_engine.trainers.sources import LocalSource
+    from medvl_engine.trainers.sources import LocalFeed
 
     backend = HFBackend.from_pretrained(cfg.model.path, dtype="float32")
-    r = cfg.rollout
-    return LocalSource(backend, load_tokenizer(cfg.model.path), toy_samples(), n=r.n, temperature=r.temperature,
-                       top_p=r.top_p, max_new_tokens=r.max_response_tokens, seed=r.seed,
-                       render=toy_render, score=toy_score)
+    stream = PromptStream.from_config(toy_samples(), load_tokenizer(cfg.model.path), cfg.data, cfg.rollout.seed,
+                                      render=toy_render)
+    return LocalFeed(backend, stream, cfg.rollout.sampling_params(logprobs=True), cfg.rollout, score=toy_score)
 
 
 def run_toy(cfg: GRPOConfig, *, resume: bool = False):
     from medvl_engine.trainers import grpo
-    from medvl_engine.trainers.weight_sync import MemorySync
 
-    source = toy_source(cfg)
-    sync = MemorySync([source.backend], run=source.run)
-    history = grpo.run(cfg, resume=resume, source=source, sync=sync)
-    return history, source
+    feed = toy_feed(cfg)
+    history = grpo.run(cfg, resume=resume, feed=feed)
+    return history, feed
 
 
 def test_step_zero_recomputed_logprobs_equal_the_engines_and_the_ratio_is_one(toy_model, tmp_path):

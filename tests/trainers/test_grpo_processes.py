@@ -20,8 +20,8 @@ def test_two_learner_ranks_train_on_a_worker_stream(tiny_chat_model, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "-m", "medvl_engine.cli", "grpo",
                "--model.path", str(tiny_chat_model), "--model.dtype", "fp32", "--no-model.gradient-checkpointing",
-               "--data.text-only", "--rollout.endpoint", endpoint, "--rollout.workers", "1",
-               "--rollout.n", "4", "--rollout.max-response-tokens", "12", "--rollout.weight-sync", "disk",
+               "--data.text-only", "--transport.endpoint", endpoint, "--transport.workers", "1",
+               "--rollout.n", "4", "--rollout.max-response-tokens", "12", "--transport.weight-sync", "disk",
                "--algo.prompts-per-step", "2", "--algo.mini-batches", "1", "--deepspeed.micro-batch-size", "2",
                "--optim.lr", "1e-3", "--steps", "2", "--checkpoint.every", "2",
                "--logging.run-dir", str(run_dir)]

@@ -1,0 +1,156 @@
+"""One rollout configuration for every command: `--help` shows the defaults a run really uses, and
+combinations that cannot work are refused when the config is built, naming their keys."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+
+import pytest
+
+from medvl_engine import config as config_lib
+from medvl_engine.cli import COMMANDS
+from medvl_engine.cli import main as cli
+
+# command -> (config class, the values a run must be given); every subcommand derives its flags from it.
+COMMAND_CONFIGS = {
+    "demo": ("medvl_engine.trainers.demo:DemoConfig", {}),
+    "score-demo": ("medvl_engine.score_demo:ScoreDemoConfig", {}),
+    "score": ("medvl_engine.scoring:ScoreConfig", {"answers": "answers.jsonl"}),
+    "rollout-worker": ("medvl_engine.rollout.worker:WorkerConfig", {"model": "m", "connect": "ipc:///tmp/x"}),
+    "sft": ("medvl_engine.trainers.config:SFTConfig", {}),
+    "grpo": ("medvl_engine.trainers.config:GRPOConfig", {}),
+    "eval": ("medvl_engine.evals.evaluate:EvalConfig", {"model": "m", "output": "out"}),
+    "passrate": ("medvl_engine.evals.passrate:PassrateConfig", {"model": "m", "output": "out"}),
+    "curate": ("medvl_engine.evals.curate:CurateConfig", {"source": "s", "pass_counts": "p", "output": "o"}),
+    "report": ("medvl_engine.evals.report:ReportConfig", {"runs": ["run"]}),
+}
+
+
+def config_class(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def leaves(cfg, prefix=""):
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from leaves(value, path + ".")
+        else:
+            yield path, f, value
+
+
+def test_every_command_is_covered():
+    assert set(COMMAND_CONFIGS) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_CONFIGS))
+def test_help_shows_the_defaults_the_run_uses(command, capsys):
+    spec, required = COMMAND_CONFIGS[command]
+    resolved = config_lib.build(config_class(spec), required)  # what a run with no flags uses
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+    helps = {action.dest: action.help or "" for action in parser._actions}
+    checked = 0
+    for path, _, value in leaves(resolved):
+        if path in required:
+            continue
+        assert path in helps, f"{command}: no flag for {path}"
+        assert f"(default: {value!r})" in helps[path], f"{command} --{path}: help {helps[path]!r}, run uses {value!r}"
+        checked += 1
+    assert checked >= 2
+    # The text users read is the same.
+    with pytest.raises(SystemExit):
+        cli([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    path, _, value = next((p, f, v) for p, f, v in leaves(resolved) if p not in required)
+    assert f"(default: {value!r})" in text
+
+
+def test_sft_help_shows_sfts_optimizer_not_the_generic_one():
+    parser = argparse.ArgumentParser()
+    importlib.import_module("medvl_engine.trainers.sft").add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert "(default: 1e-05)" in helps["optim.lr"] and "(default: 0.0001)" in helps["optim.weight_decay"]
+    assert "(default: 'cosine')" in helps["optim.schedule"] and "(default: 0.05)" in helps["optim.warmup_ratio"]
+
+
+def test_eval_and_passrate_defaults_are_medvlthinkers():
+    from medvl_engine.evals.evaluate import EvalConfig
+    from medvl_engine.evals.passrate import PassrateConfig
+
+    ev = EvalConfig(model="m", output="o")
+    assert (ev.rollout.n, ev.rollout.temperature, ev.rollout.max_response_tokens, ev.rollout.seed) == (1, 0.0, 4096, 42)
+    assert (ev.data.source, ev.data.split, ev.data.shuffle) == ("UCSC-VLAA/MedVLThinker-Eval", "test", False)
+    pr = PassrateConfig(model="m", output="o")
+    assert (pr.rollout.n, pr.rollout.temperature, pr.rollout.max_response_tokens) == (16, 1.0, 4096)
+    assert pr.rollout.seed == 42
+
+
+GRPO_REJECTED = [
+    ({"transport": {"workers": 2}}, "transport.workers"),
+    ({"transport": {"credits": 4}}, "transport.credits"),
+    ({"transport": {"weight_sync": "disk"}}, "transport.weight_sync"),
+    ({"transport": {"endpoint": "ipc:///tmp/x", "weight_sync": "memory"}}, "transport.weight_sync"),
+    ({"transport": {"weight_sync": "distributed"}}, "config.transport.weight_sync"),
+    ({"rollout": {"temperature": 0.0, "n": 1}}, "rollout.temperature|rollout.n"),
+    ({"rollout": {"temperature": 0.0}}, "rollout.temperature"),
+    ({"rollout": {"n": 1}}, "rollout.n"),
+    ({"rollout": {"n": 1, "dynamic_sampling": True}}, "rollout.dynamic_sampling"),
+    ({"rollout": {"weights_endpoint": "tcp://x:1"}}, "unknown key.*weights_endpoint"),
+    ({"algo": {"dynamic_sampling": True}}, "unknown key.*dynamic_sampling"),
+    ({"algo": {"clip_ratio_c": 1.0}}, "algo.clip_ratio_c"),
+    ({"data": {"text_only": True, "ignore_images": True}}, "data.text_only"),
+    ({"data": {"max_samples": -1}}, "data.max_samples"),
+    ({"rollout": {"timeout_s": -1.0}}, "rollout.timeout_s"),
+]
+
+
+@pytest.mark.parametrize("data, key", GRPO_REJECTED)
+def test_grpo_rejects_combinations_that_cannot_work_naming_the_key(data, key):
+    from medvl_engine.trainers.config import GRPOConfig
+
+    with pytest.raises(ValueError, match=key):
+        config_lib.build(GRPOConfig, data)
+
+
+@pytest.mark.parametrize("command, data, key", [
+    ("eval", {"rollout": {"dynamic_sampling": True, "n": 2, "temperature": 1.0}}, "rollout.dynamic_sampling"),
+    ("eval", {"data": {"shuffle": True}}, "data.shuffle"),
+    ("eval", {"rollout": {"n": 4}}, "rollout.temperature"),  # greedy n times
+    ("eval", {"output": ""}, "output"),
+    ("passrate", {"rollout": {"temperature": 0.0, "n": 1}}, "rollout.temperature"),
+    ("rollout-worker", {"rollout": {"temperature": 0.0, "n": 1}}, "rollout.temperature"),
+    ("rollout-worker", {"shard_index": 2, "num_shards": 2}, "shard_index"),
+    ("rollout-worker", {"connect": ""}, "connect"),
+])
+def test_other_commands_reject_what_cannot_work_naming_the_key(command, data, key):
+    spec, required = COMMAND_CONFIGS[command]
+    with pytest.raises(ValueError, match=key):
+        config_lib.build(config_class(spec), config_lib.merge(required, data))
+
+
+def test_a_missing_required_value_names_its_key():
+    from medvl_engine.rollout.worker import WorkerConfig
+
+    with pytest.raises(ValueError, match=r"missing required key\(s\).*config\.answers"):
+        config_lib.build(config_class(COMMAND_CONFIGS["score"][0]), {})
+    with pytest.raises(ValueError, match="model: is required"):
+        config_lib.build(WorkerConfig, {"connect": "ipc:///tmp/x"})
+
+
+def test_a_learner_hands_its_worker_the_run_config_as_a_file(tmp_path):
+    from medvl_engine.rollout.worker import WorkerConfig
+    from medvl_engine.trainers.config import GRPOConfig
+    from medvl_engine.trainers.grpo import worker_config
+
+    cfg = config_lib.build(GRPOConfig, {
+        "model": {"path": str(tmp_path)}, "transport": {"endpoint": "ipc:///tmp/x", "workers": 2},
+        "data": {"max_samples": 5, "shuffle": False}, "rollout": {"n": 3, "max_response_tokens": 17, "seed": 9}})
+    path = config_lib.save(worker_config(cfg, "ipc:///tmp/x", shard=1), tmp_path / "rollout-1.yaml")
+    worker = config_lib.load(WorkerConfig, path)
+    assert worker.data == cfg.data and worker.rollout == cfg.rollout
+    assert (worker.shard_index, worker.num_shards, worker.producer_id) == (1, 2, "rollout-1")
