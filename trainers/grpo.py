@@ -280,6 +280,9 @@ def build_transport_feed(cfg: GRPOConfig, state: dict | None):
     endpoint = receiver.endpoint.replace("0.0.0.0", "127.0.0.1")
     run_dir = Path(cfg.logging.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The configuration of a worker started apart (another node): the run's data and rollout sections;
+    # give it --connect, --producer-id, --shard-index and --num-shards on its command line.
+    config_lib.save(worker_config(cfg, t.endpoint), run_dir / "rollout-worker.yaml")
     workers = []
     for i in range(t.workers):
         path = config_lib.save(worker_config(cfg, endpoint, shard=i), run_dir / f"rollout-{i}.yaml")
