@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,13 +28,16 @@ class MicroBatch:
     """Right-padded sequences (prompt + answer) of one forward pass.
 
     `targets[:, t]` is the token at position t + 1 and `mask[:, t]` says whether it carries loss,
-    so the logits at position t line up with `targets[:, t]`.
+    so the logits at position t line up with `targets[:, t]`. `vision` holds what an image-text model
+    needs besides the token ids (Qwen2.5-VL: `pixel_values` of every image of the rows, in row order,
+    and `image_grid_thw`); empty for text.
     """
 
     input_ids: torch.Tensor  # [B, L] int64
     attention_mask: torch.Tensor  # [B, L] int64
     targets: torch.Tensor  # [B, L-1] int64
     mask: torch.Tensor  # [B, L-1] bool
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         b, length = self.input_ids.shape
@@ -46,7 +49,12 @@ class MicroBatch:
                 raise ValueError(f"MicroBatch: {name} {tuple(getattr(self, name).shape)} != {(b, length - 1)}")
 
     def to(self, dev) -> MicroBatch:
-        return MicroBatch(*(t.to(dev) for t in (self.input_ids, self.attention_mask, self.targets, self.mask)))
+        return MicroBatch(*(t.to(dev) for t in (self.input_ids, self.attention_mask, self.targets, self.mask)),
+                          vision={k: v.to(dev) for k, v in self.vision.items()})
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward for this micro-batch."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
 
 
 def pad_sequences(sequences: list[list[int]], loss_starts: list[int], pad_id: int) -> MicroBatch:
@@ -117,7 +125,7 @@ class Learner:
         return self.engine.module
 
     def logits(self, model, micro: MicroBatch) -> torch.Tensor:
-        out = model(input_ids=micro.input_ids, attention_mask=micro.attention_mask, use_cache=False)
+        out = model(**micro.model_inputs(), use_cache=False)
         return out.logits[:, :-1]
 
     def response_logprobs(self, micro: MicroBatch, *, temperature: float = 1.0, reference: bool = False,
