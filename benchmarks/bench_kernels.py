@@ -9,6 +9,9 @@ and says nothing about their speed.
     python benchmarks/bench_kernels.py                       # GPU: full shapes; CPU: reference, small
     python benchmarks/bench_kernels.py --interpret           # CPU: + Triton under the interpreter
     python benchmarks/bench_kernels.py --out results.jsonl   # one JSON row per measurement
+    python benchmarks/bench_kernels.py --rows 16384          # GPU: only N = 16k tokens
+
+On a GPU each time is the median of `triton.testing.do_bench` (CUDA events, L2 flushed between runs).
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--interpret", action="store_true",
                         help="CPU only: also time the Triton path under Triton's interpreter (TRITON_INTERPRET=1)")
     parser.add_argument("--small", action="store_true", help="small shapes even on a GPU")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="CPU timing runs (a GPU uses do_bench's own count)")
+    parser.add_argument("--rows", type=int, nargs="+", default=None,
+                        help="GPU: token counts N of the log-prob benchmarks (default 4096 16384 65536; the fused "
+                             "linear op takes those <= 16384)")
     parser.add_argument("--out", default=None,
                         help="JSON-lines output (default: benchmarks/results/kernels-<device>.jsonl on a GPU, "
                              "the temp folder on a CPU: results/ holds GPU measurements only)")
@@ -57,6 +63,12 @@ class Bench:
             torch.cuda.synchronize()
 
     def time(self, fn, repeats=None) -> float:
+        """Median seconds of `fn()`; on a GPU by do_bench unless a repeat count is forced (slow baselines)."""
+        if self.device.type == "cuda" and repeats is None:
+            import triton.testing
+
+            return triton.testing.do_bench(fn, return_mode="median") / 1e3
+
         def run():
             fn()
             self.sync()
@@ -209,8 +221,9 @@ def main(args: argparse.Namespace) -> int:
     bench = Bench(device, args.repeats)
     full = device.type == "cuda" and not args.small
     if full:
-        bench_token_logprobs(bench, [4096, 16384, 65536], VOCAB, torch.bfloat16, False)
-        bench_linear(bench, [4096, 16384], [2048, 3584], VOCAB, torch.bfloat16, False, chunk=4096)
+        rows = args.rows or [4096, 16384, 65536]
+        bench_token_logprobs(bench, rows, VOCAB, torch.bfloat16, False)
+        bench_linear(bench, [n for n in rows if n <= 16384], [2048, 3584], VOCAB, torch.bfloat16, False, chunk=4096)
         bench_group_advantages(bench, 1 << 20, 1 << 16, False)
         bench_policy_loss(bench, 512, 4096, False)
     else:
