@@ -107,4 +107,6 @@ def export_hf(learner, folder: str | Path, *, dtype: torch.dtype | None = None) 
         folder.mkdir(parents=True, exist_ok=True)
         learner.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
         learner.tokenizer.save_pretrained(folder)
+        if learner.processor is not None:  # an image-text policy: the image processor and chat template too
+            learner.processor.save_pretrained(folder)
     return folder

@@ -197,7 +197,7 @@ class GRPOConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     steps: int = param(100, "GRPO steps to run")
-    seed: int = param(0, "learner seed (torch)")
+    seed: int = param(0, "learner seed (python, numpy, torch)")
 
     def __post_init__(self):
         if self.steps < 1:
@@ -225,7 +225,7 @@ class SFTConfig:
     global_batch_size: int = param(16, "sequences per optimizer step over all ranks")
     max_tokens: int = param(4096, "longer examples are an error, not truncated")
     max_steps: int = param(0, "stop after this many optimizer steps (0: run all epochs)")
-    seed: int = param(0, "learner seed")
+    seed: int = param(0, "learner seed (python, numpy, torch)")
 
     def __post_init__(self):
         if self.epochs < 1 or self.global_batch_size < 1 or self.max_tokens < 1 or self.max_steps < 0:
@@ -250,8 +250,11 @@ def deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, dtype: str, *, tra
         scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": optim.lr,
                                                     "warmup_num_steps": warmup, "warmup_type": "linear"}}
     else:
+        # DeepSpeed's WarmupCosineLR rejects 0 warmup steps (a short run: 0.05 x 8 steps rounds to 0); one
+        # "warmup" step that starts at the full rate is no warmup.
         scheduler = {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, 1),
-                                                          "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
+                                                          "warmup_num_steps": max(warmup, 1),
+                                                          "warmup_min_ratio": 0.0 if warmup else 1.0,
                                                           "cos_min_ratio": 0.0, "warmup_type": "linear"}}
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer and ds.zero_stage > 0:

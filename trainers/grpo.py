@@ -30,6 +30,9 @@ from medvl_engine.trainers.config import GRPOConfig
 from medvl_engine.trainers.learner import MicroBatch
 from medvl_engine.trainers.rollout_batch import RolloutBatch
 
+# Statistics summed over a mini-batch's micro-batches (the token-weighted ones are divided by tokens at the end).
+SUM_KEYS = ("tokens", "loss", "kl", "approx_kl", "clip_frac", "dual_clip_frac", "entropy")
+
 TABLE_COLUMNS = ("step", "version", "reward", "accuracy", "format", "kl", "clip_frac", "response_len",
                  "tokens_per_s", "seconds")
 
@@ -44,6 +47,14 @@ class PolicyMicroBatch:
     engine_logp: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+
+
+def _logp_diff(learner_logp: torch.Tensor, engine_logp: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """[sum, max, tokens] of |learner - engine| over the answer tokens (zeros without engine log-probs)."""
+    if engine_logp is None:
+        return torch.zeros(3, dtype=torch.float64, device=mask.device)
+    diff = (learner_logp - engine_logp).abs() * mask
+    return torch.stack([diff.sum().double(), diff.max().double(), mask.sum().double()])
 
 
 class GRPOTrainer:
@@ -66,18 +77,21 @@ class GRPOTrainer:
         groups = self.source.next(algo.prompts_per_step, self.version)
         self.last_groups = groups
         received = time.perf_counter()
+        self.source.release_memory()  # colocated: the engine's memory goes to the update
         batch = RolloutBatch.from_groups(groups, max_prompt_tokens=self.cfg.rollout.max_prompt_tokens,
-                                         max_response_tokens=self.cfg.rollout.max_response_tokens)
+                                         max_response_tokens=self.cfg.rollout.max_response_tokens,
+                                         processor=self.learner.processor)
         advantages, constant = group_advantages(batch.rewards, batch.group_index, mode=algo.advantage,
                                                 eps=algo.epsilon)
         minis = [self.micro_batches(batch, advantages, idx) for idx in batch.mini_batches(algo.mini_batches)]
-        self.fill_logprobs(minis)
-        stats = [self.train_mini_batch(mini) for mini in minis]
+        diff = self.fill_logprobs(minis)
+        stats = [self.train_mini_batch(mini, first=k == 0) for k, mini in enumerate(minis)]
         trained = time.perf_counter()
         self.version += 1
         self.step_index += 1
+        self.source.resume_memory()  # before the push: the engine loads the new weights into it
         sync = self.sync.push(self.learner, self.version)
-        return self.metrics(batch, constant, stats, sync, start=start, received=received, trained=trained)
+        return self.metrics(batch, constant, stats, diff, sync, start=start, received=received, trained=trained)
 
     def micro_batches(self, batch: RolloutBatch, advantages: torch.Tensor, indices: np.ndarray) -> list:
         """This rank's share of one mini-batch, in micro-batches, each weighted by its share of the loss."""
@@ -95,47 +109,57 @@ class GRPOTrainer:
             # engine.backward divides by the accumulation steps, ranks average their gradients: this
             # weight makes the update the loss over the whole mini-batch, however it is split.
             weight = units / total * learner.gradient_accumulation_steps * learner.world_size
+            engine_logp = batch.engine_logprob_tensor(idx, micro)
             out.append(PolicyMicroBatch(micro.to(learner.device), advantages[idx].to(learner.device), weight,
-                                        engine_logp=batch.engine_logprob_tensor(idx, micro)))
+                                        engine_logp=None if engine_logp is None else engine_logp.to(learner.device)))
         if len(out) != learner.gradient_accumulation_steps:
             raise ValueError(f"{len(out)} micro-batches per rank but DeepSpeed accumulates "
                              f"{learner.gradient_accumulation_steps}")
         return out
 
     @torch.no_grad()
-    def fill_logprobs(self, minis: list[list[PolicyMicroBatch]]) -> None:
-        """Old log-probs with the weights before any update of this step, reference log-probs for the KL."""
+    def fill_logprobs(self, minis: list[list[PolicyMicroBatch]]) -> torch.Tensor:
+        """Old log-probs with the weights before any update of this step, reference log-probs for the KL.
+
+        Returns [diff sum, diff max, tokens] of |engine - learner| log-probs of the sampled tokens before
+        the update, on the device (verl's rollout-probs-diff: the first thing to read when RL misbehaves).
+        """
         algo = self.cfg.algo
         temperature = self.cfg.rollout.temperature
+        diff = torch.zeros(3, dtype=torch.float64, device=self.learner.device)
         for mini in minis:
             for pm in mini:
                 if algo.old_logp == "engine":
                     if pm.engine_logp is None:
                         raise ValueError("algo.old_logp=engine but the rollout groups carry no engine log-probs")
-                    pm.old_logp = pm.engine_logp.to(self.learner.device)
+                    pm.old_logp = pm.engine_logp
                 else:
                     pm.old_logp = self.learner.response_logprobs(pm.micro, temperature=temperature)
+                    diff += _logp_diff(pm.old_logp, pm.engine_logp, pm.micro.mask)
                 if algo.kl_coef > 0:
                     pm.ref_logp = self.learner.response_logprobs(pm.micro, temperature=temperature, reference=True)
+        return diff
 
-    def train_mini_batch(self, mini: list[PolicyMicroBatch]) -> dict:
+    def train_mini_batch(self, mini: list[PolicyMicroBatch], *, first: bool = False) -> dict:
+        """One optimizer step over `mini`; its statistics accumulate on the device and are read once."""
         from medvl_engine.kernels import policy_loss
 
         algo = self.cfg.algo
         learner = self.learner
-        sums = {"kl": 0.0, "approx_kl": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "entropy": 0.0, "ratio_dev": 0.0,
-                "logp_mismatch": 0.0, "mismatch_tokens": 0.0, "tokens": 0.0, "loss": 0.0}
+        sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=learner.device)
+        ratio_dev = torch.zeros((), dtype=torch.float64, device=learner.device)
+        diff = torch.zeros(3, dtype=torch.float64, device=learner.device)
+        with_entropy = algo.entropy_coef > 0
         for pm in mini:
             mask = pm.micro.mask
             out = learner.response_logprobs(pm.micro, temperature=self.cfg.rollout.temperature,
-                                            return_entropy=algo.entropy_coef > 0)
+                                            return_entropy=with_entropy)
             logp, entropy = out if isinstance(out, tuple) else (out, None)
             advantages = pm.advantages
             if algo.tis_cap and pm.engine_logp is not None:
                 # Truncated importance sampling: answers were sampled by the engine, not by the
                 # learner's old policy; weight each token by min(pi_old / pi_engine, cap).
-                engine = pm.engine_logp.to(logp.device)
-                tis = torch.exp(pm.old_logp - engine).clamp(max=algo.tis_cap) * mask
+                tis = torch.exp(pm.old_logp - pm.engine_logp).clamp(max=algo.tis_cap) * mask
                 advantages = advantages[:, None] * tis
             loss, metrics = policy_loss(logp, pm.old_logp, advantages, mask, ref_logp=pm.ref_logp,
                                         clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef=algo.kl_coef,
@@ -148,45 +172,51 @@ class GRPOTrainer:
                 loss = loss - algo.entropy_coef * (entropy * mask).sum() / mask.sum().clamp_min(1)
             learner.backward(loss * pm.weight)
             learner.step()
-            tokens = float(mask.sum())
-            sums["tokens"] += tokens
-            sums["loss"] += float(loss.detach()) * pm.weight / learner.gradient_accumulation_steps
-            for key in ("kl", "approx_kl", "clip_frac", "dual_clip_frac"):
-                if key in metrics:
-                    sums[key] += float(metrics[key]) * tokens
-            if entropy is not None:
-                sums["entropy"] += float((entropy * mask).sum())
             with torch.no_grad():
+                tokens = mask.sum().double()
+                zero = torch.zeros((), dtype=torch.float64, device=learner.device)
+                row = [tokens, loss.detach().double() * (pm.weight / learner.gradient_accumulation_steps)]
+                row += [metrics[k].double() * tokens if k in metrics else zero for k in SUM_KEYS[2:6]]
+                row.append((entropy.detach() * mask).sum().double() if entropy is not None else zero)
+                sums += torch.stack(row)
                 ratio = torch.exp(logp.detach() - pm.old_logp)
-                sums["ratio_dev"] = max(sums["ratio_dev"], float(((ratio - 1).abs() * mask).max()))
-                if pm.engine_logp is not None:
-                    # Trainer/engine mismatch of the sampled tokens' log-probs (slime's step-0 check).
-                    diff = (pm.old_logp - pm.engine_logp.to(logp.device)).abs() * mask
-                    sums["logp_mismatch"] += float(diff.sum())
-                    sums["mismatch_tokens"] += tokens
-                    sums["logp_mismatch_max"] = max(sums.get("logp_mismatch_max", 0.0), float(diff.max()))
-        sums["grad_norm"] = learner.grad_norm()
-        return sums
+                ratio_dev = torch.maximum(ratio_dev, ((ratio - 1).abs() * mask).max().double())
+                if first and algo.old_logp == "engine":
+                    # Before the first optimizer step these are the learner's log-probs of the rollout's weights.
+                    diff += _logp_diff(logp.detach(), pm.engine_logp, mask)
+        # The one host synchronisation of this mini-batch: every statistic (and the gradient norm) at once.
+        norm = learner.engine.get_global_grad_norm()
+        host = torch.cat([sums, ratio_dev[None], diff,
+                          torch.as_tensor([float("nan") if norm is None else norm], dtype=torch.float64,
+                                          device=learner.device)]).tolist()
+        out = dict(zip(SUM_KEYS, host))
+        out["ratio_dev"] = host[len(SUM_KEYS)]
+        out["diff"] = host[len(SUM_KEYS) + 1 : len(SUM_KEYS) + 4]
+        out["grad_norm"] = host[-1]
+        out["entropy_computed"] = with_entropy
+        return out
 
     # -- metrics --------------------------------------------------------------------------------------
 
-    def metrics(self, batch: RolloutBatch, constant: torch.Tensor, stats: list[dict], sync: dict, *,
-                start: float, received: float, trained: float) -> dict:
-        keys = ("kl", "approx_kl", "clip_frac", "dual_clip_frac", "entropy", "logp_mismatch", "mismatch_tokens",
-                "tokens", "loss")
-        totals = torch.tensor([[s[k] for k in keys] for s in stats], dtype=torch.float64).sum(0)
-        maxima = torch.tensor([stats[0]["ratio_dev"], max(s.get("logp_mismatch_max", 0.0) for s in stats)],
-                              dtype=torch.float64)
+    def metrics(self, batch: RolloutBatch, constant: torch.Tensor, stats: list[dict], diff: torch.Tensor,
+                sync: dict, *, start: float, received: float, trained: float) -> dict:
+        totals = torch.tensor([[s[k] for k in SUM_KEYS] for s in stats], dtype=torch.float64).sum(0)
+        diff = diff.double().cpu() + torch.tensor([s["diff"] for s in stats], dtype=torch.float64).sum(0) * \
+            torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+        diff_max = max([float(diff[1])] + [s["diff"][1] for s in stats])
+        maxima = torch.tensor([stats[0]["ratio_dev"], diff_max], dtype=torch.float64)
         if self.learner.world_size > 1:
             import torch.distributed as dist
 
             dist.all_reduce(totals)
+            dist.all_reduce(diff)
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-        t = dict(zip(keys, totals.tolist()))
+        t = dict(zip(SUM_KEYS, totals.tolist()))
         tokens = max(t["tokens"], 1.0)
+        diff_tokens = float(diff[2])
         response_tokens = int(batch.response_lengths.sum())
         seconds = time.perf_counter() - start
-        return {
+        row = {
             "step": self.step_index,
             "version": self.version,
             "reward": float(batch.rewards.mean()),
@@ -197,16 +227,17 @@ class GRPOTrainer:
             "approx_kl": t["approx_kl"] / tokens,
             "clip_frac": t["clip_frac"] / tokens,
             "dual_clip_frac": t["dual_clip_frac"] / tokens,
-            "entropy": t["entropy"] / tokens,
             "loss": t["loss"] / len(stats),
             # Step-0 consistency: before any update the PPO ratio of the first mini-batch is exactly 1.
             "first_ratio_max_dev": float(maxima[0]),
-            "logp_mismatch": t["logp_mismatch"] / t["mismatch_tokens"] if t["mismatch_tokens"] else float("nan"),
-            "logp_mismatch_max": float(maxima[1]) if t["mismatch_tokens"] else float("nan"),
+            # |engine - learner| log-probs of the sampled tokens before the update (verl: rollout-probs-diff).
+            "logp_diff_mean": float(diff[0]) / diff_tokens if diff_tokens else float("nan"),
+            "logp_diff_max": float(maxima[1]) if diff_tokens else float("nan"),
             "grad_norm": stats[-1]["grad_norm"],
             "lr": self.learner.lr(),
             "staleness": float((self.version - 1 - batch.weight_versions).float().mean()),
             "groups": batch.num_groups,
+            "images": batch.num_images,
             "response_len": float(batch.response_lengths.float().mean()),
             "response_tokens": response_tokens,
             "tokens_per_s": response_tokens / max(seconds, 1e-9),  # end to end: sampling overlaps training
@@ -215,6 +246,10 @@ class GRPOTrainer:
             "sync_s": sync.get("sync_seconds", 0.0),
             "seconds": seconds,
         }
+        if stats[0]["entropy_computed"]:
+            row["entropy"] = t["entropy"] / tokens
+        row.update(self.source.stats_row())
+        return row
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
@@ -316,14 +351,6 @@ def make_weight_sync(cfg: GRPOConfig, source):
                      bucket_mb=cfg.transport.sync_bucket_mb)
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def run(cfg: GRPOConfig, *, resume: bool = False, feed=None, sync=None, on_step=None) -> list[dict]:
     """Train `cfg.steps` steps (from the last checkpoint with `resume`); returns the per-step metrics.
 
@@ -331,6 +358,7 @@ def run(cfg: GRPOConfig, *, resume: bool = False, feed=None, sync=None, on_step=
     pushed in memory, or rollout workers over `transport.endpoint` with weights through disk.
     """
     from medvl_engine.trainers import checkpoint
+    from medvl_engine.trainers.distributed import seed_everything
     from medvl_engine.trainers.learner import Learner
     from medvl_engine.trainers.metrics import MetricsLog, RolloutLog
 

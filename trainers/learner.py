@@ -13,6 +13,7 @@ Checkpoints, the Hugging Face export and the weight push read the parameters thr
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -119,6 +120,13 @@ class Learner:
         return cls(engine, tokenizer, ref, model_cfg, ds_cfg, rank, world_size)
 
     # -- forward ------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def processor(self):
+        """The image-text policy's processor (expands image placeholders like the engine), None for text."""
+        from medvl_engine.trainers.model import load_processor
+
+        return load_processor(self.model_cfg.path)
 
     @property
     def module(self):

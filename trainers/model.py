@@ -19,10 +19,24 @@ def load_tokenizer(path: str):
 
 
 def load_policy(path: str, dtype: str = "fp32", attn_implementation: str = "sdpa"):
-    """The causal LM at `path` in `dtype` ("bf16", "fp16" or "fp32")."""
-    from transformers import AutoModelForCausalLM
+    """The model at `path` in `dtype` ("bf16", "fp16" or "fp32"): an image-text model (the
+    `AutoModelForImageTextToText` family, e.g. Qwen2.5-VL) when the checkpoint has a vision tower, a causal
+    LM otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from medvl_engine.vision import is_vision_model
 
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype],
-                                                attn_implementation=attn_implementation)
+    path = resolve_model_path(path)
+    auto = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+
+
+def load_processor(path: str):
+    """The processor of an image-text policy (the same the engine renders and expands prompts with), or
+    None for a text-only one."""
+    from medvl_engine.vision import is_vision_model, load_processor
+
+    path = resolve_model_path(path)
+    return load_processor(path) if is_vision_model(path) else None

@@ -1,5 +1,10 @@
 """One GRPO step's rollout groups, flattened to sequences and cut into this rank's micro-batches.
 
+Groups with images (an image-text policy): each prompt's image placeholders are expanded with the
+policy's processor exactly as the engine expanded them (`medvl_engine.vision.expand_image_tokens`), once
+per group, and every micro-batch carries the `pixel_values` and `image_grid_thw` of its rows. Images for
+a text-only policy are an error, never silently dropped.
+
 Sequence i is prompt + answer i of its group; `group_index[i]` names the group, so advantages come
 from `group_advantages(rewards, group_index)` over the whole step on every rank. The mini-batches
 (one optimizer step each) are contiguous runs of whole groups; each is split evenly over the ranks
@@ -8,7 +13,7 @@ and then into micro-batches of `micro_batch_size` sequences.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,16 +33,34 @@ class RolloutBatch:
     format_ok: torch.Tensor  # [M] bool
     weight_versions: torch.Tensor  # [M] int64, the policy version that sampled each answer
     num_groups: int
+    vision: list[dict] = field(default_factory=list)  # per sequence: its prompt's vision inputs ({} for text)
+    num_images: int = 0
+    image_token: int | None = None  # the processor's image placeholder id
 
     @classmethod
     def from_groups(cls, groups: list[RolloutGroup], *, max_prompt_tokens: int, max_response_tokens: int,
-                    pad_id: int | None = None) -> RolloutBatch:
+                    processor=None) -> RolloutBatch:
+        from medvl_engine.vision import expand_image_tokens, image_token_id
+
         if not groups:
             raise ValueError("RolloutBatch.from_groups: no groups")
-        sequences, prompt_lengths, engine_lp, versions, group_index = [], [], [], [], []
+        sequences, prompt_lengths, engine_lp, versions, group_index, vision = [], [], [], [], [], []
         rewards, correct, format_ok = [], [], []
+        num_images = 0
         for g, group in enumerate(groups):
             prompt = group.prompt_array()
+            group_vision: dict = {}
+            if group.images:
+                if processor is None:
+                    raise ValueError(f"group {group.prompt_id!r} has {len(group.images)} image(s) but the policy is a "
+                                     "text-only model: train an image-text model, or set --data.text-only or "
+                                     "--data.ignore-images")
+                try:
+                    ids, group_vision = expand_image_tokens(prompt.tolist(), group.image_list(), processor)
+                except ValueError as exc:
+                    raise ValueError(f"group {group.prompt_id!r}: {exc}") from None
+                prompt = np.asarray(ids, dtype=np.int32)
+                num_images += len(group.images)
             if prompt.size > max_prompt_tokens:
                 raise ValueError(f"group {group.prompt_id!r}: prompt of {prompt.size} tokens > "
                                  f"rollout.max_prompt_tokens {max_prompt_tokens}")
@@ -60,6 +83,7 @@ class RolloutBatch:
                 engine_lp.append(lp)
                 versions.append(group.weight_version)
                 group_index.append(g)
+                vision.append(group_vision)
             rewards.append(group.reward_array())
             correct.append(group.correct_array())
             format_ok.append(group.format_array())
@@ -68,7 +92,8 @@ class RolloutBatch:
                    torch.tensor(group_index, dtype=torch.long),
                    torch.from_numpy(np.concatenate(correct).astype(bool)),
                    torch.from_numpy(np.concatenate(format_ok).astype(bool)),
-                   torch.tensor(versions, dtype=torch.long), len(groups))
+                   torch.tensor(versions, dtype=torch.long), len(groups), vision, num_images,
+                   image_token_id(processor) if num_images else None)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -93,8 +118,12 @@ class RolloutBatch:
         return indices[rank * per : (rank + 1) * per]
 
     def micro_batch(self, indices: np.ndarray, pad_id: int) -> MicroBatch:
-        return pad_sequences([self.sequences[i].tolist() for i in indices],
-                             [self.prompt_lengths[i] for i in indices], pad_id)
+        from medvl_engine.vision import batch_vision
+
+        micro = pad_sequences([self.sequences[i].tolist() for i in indices],
+                              [self.prompt_lengths[i] for i in indices], pad_id)
+        micro.vision = batch_vision([self.vision[i] for i in indices], micro.input_ids, self.image_token)
+        return micro
 
     def engine_logprob_tensor(self, indices: np.ndarray, micro: MicroBatch) -> torch.Tensor | None:
         """The engine's log-probs laid out like `micro.targets` (0 off the answer), or None if any is missing."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ class SFTExample:
     ids: list[int]
     loss_start: int
     dataset_index: int
+    vision: dict = field(default_factory=dict)  # pixel_values / image_grid_thw of an image row
 
     def __post_init__(self):
         if not 0 < self.loss_start < len(self.ids):
@@ -48,32 +49,41 @@ def end_of_turn(tokenizer) -> str:
     return tail.rstrip("\n") or (tokenizer.eos_token or "")
 
 
-def encode_example(tokenizer, sample, *, max_tokens: int) -> SFTExample:
+def encode_example(tokenizer, sample, *, max_tokens: int, processor=None) -> SFTExample:
     """Prompt (chat template with the generation prompt) + target + end-of-turn, and where the loss starts.
 
     Prompt and target are tokenized apart so the loss boundary falls exactly between them (ChatML
-    ends the prompt with "assistant\\n", a token boundary in every BPE vocabulary we use).
+    ends the prompt with "assistant\\n", a token boundary in every BPE vocabulary we use). An image row
+    needs the `processor` of an image-text model: its placeholders are expanded as the engine would.
     """
     from medvl_engine.prompts import render_prompt, sft_target
+    from medvl_engine.vision import expand_image_tokens
 
-    prompt = render_prompt(tokenizer, sample)
+    prompt = render_prompt(processor or tokenizer, sample)
     target = sft_target(sample) + end_of_turn(tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    vision: dict = {}
+    if sample.images:
+        if processor is None:
+            raise ValueError(f"SFT example {sample.dataset_name}[{sample.dataset_index}] has {len(sample.images)} "
+                             "image(s) but the policy is a text-only model (set --data.text-only or "
+                             "--data.ignore-images)")
+        prompt_ids, vision = expand_image_tokens(prompt_ids, sample.images, processor)
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     ids = list(prompt_ids) + list(target_ids)
     if len(ids) > max_tokens:
         raise ValueError(f"SFT example {sample.dataset_name}[{sample.dataset_index}]: {len(ids)} tokens "
                          f"> max_tokens {max_tokens} (raise --max-tokens; examples are never truncated)")
-    return SFTExample(ids, len(prompt_ids), sample.dataset_index)
+    return SFTExample(ids, len(prompt_ids), sample.dataset_index, vision)
 
 
-def load_examples(cfg: SFTConfig, tokenizer) -> list[SFTExample]:
+def load_examples(cfg: SFTConfig, tokenizer, processor=None) -> list[SFTExample]:
     from medvl_engine.rollout.stream import load_data
 
     samples = [s for s in load_data(cfg.data) if s.reasoning]
     if not samples:
         raise ValueError(f"data.source {cfg.data.source!r}: no sample has a reasoning trace to train on")
-    return [encode_example(tokenizer, s, max_tokens=cfg.max_tokens) for s in samples]
+    return [encode_example(tokenizer, s, max_tokens=cfg.max_tokens, processor=processor) for s in samples]
 
 
 class SFTTrainer:
@@ -86,6 +96,8 @@ class SFTTrainer:
             raise ValueError(f"{len(examples)} examples are fewer than one global batch ({cfg.global_batch_size})")
         self.total_steps = total_steps(cfg, len(examples))
         self.step_index = 0
+        processor = learner.processor
+        self.image_token = getattr(processor, "image_token_id", None) if processor is not None else None
 
     def batch(self, step: int) -> list[SFTExample]:
         epoch, offset = divmod(step, self.steps_per_epoch)
@@ -96,6 +108,7 @@ class SFTTrainer:
 
     def train_step(self, step: int) -> dict:
         from medvl_engine.trainers.learner import pad_sequences
+        from medvl_engine.vision import batch_vision
 
         learner = self.learner
         batch = self.batch(step)
@@ -111,7 +124,9 @@ class SFTTrainer:
         for i in range(0, len(mine), micro_size):
             chunk = mine[i : i + micro_size]
             micro = pad_sequences([e.ids for e in chunk], [e.loss_start for e in chunk],
-                                  learner.tokenizer.pad_token_id).to(learner.device)
+                                  learner.tokenizer.pad_token_id)
+            micro.vision = batch_vision([e.vision for e in chunk], micro.input_ids, self.image_token)
+            micro = micro.to(learner.device)
             logp = learner.response_logprobs(micro)
             nll = -(logp * micro.mask).sum()
             learner.backward(nll * scale)
@@ -134,12 +149,13 @@ def total_steps(cfg: SFTConfig, num_examples: int) -> int:
 def run(cfg: SFTConfig, *, resume: bool = False) -> list[dict]:
     """Train; returns the per-step metrics (also written to run_dir/metrics.jsonl on rank 0)."""
     from medvl_engine.trainers import checkpoint
+    from medvl_engine.trainers.distributed import seed_everything
     from medvl_engine.trainers.learner import Learner
     from medvl_engine.trainers.metrics import MetricsLog
-    from medvl_engine.trainers.model import load_tokenizer
+    from medvl_engine.trainers.model import load_processor, load_tokenizer
 
-    torch.manual_seed(cfg.seed)
-    examples = load_examples(cfg, load_tokenizer(cfg.model.path))
+    seed_everything(cfg.seed)
+    examples = load_examples(cfg, load_tokenizer(cfg.model.path), load_processor(cfg.model.path))
     steps = total_steps(cfg, len(examples))
     learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=cfg.global_batch_size,
                             total_steps=steps)

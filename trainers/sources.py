@@ -99,6 +99,17 @@ class LocalFeed:
     def check(self) -> None:
         pass
 
+    def release_memory(self) -> None:
+        """The engine's accelerator memory goes to the learner's update (SGLang: weights and KV cache
+        released; the hf backend moves its model to the CPU; on a CPU nothing moves)."""
+        self.run(self.backend.pause())
+        self.run(self.backend.release_memory())
+
+    def resume_memory(self) -> None:
+        """Back before the weight push (the engine loads the new weights into this memory)."""
+        self.run(self.backend.resume_memory())
+        self.run(self.backend.resume())
+
     def close(self) -> None:
         if self._items is not None:
             self.run(self._items.aclose())
@@ -129,6 +140,12 @@ class TransportFeed:
     def check(self) -> None:
         for worker in self.workers:
             worker.poll()  # restarts a dead worker or raises WorkerDied with its log tail
+
+    def release_memory(self) -> None:
+        pass  # the workers' engines have accelerators of their own
+
+    def resume_memory(self) -> None:
+        pass
 
     def close(self) -> None:
         for worker in self.workers:
@@ -222,6 +239,19 @@ class OrderedSource:
 
     def state(self) -> dict:
         return {"position": self.position, "seqs": dict(self.seqs)}
+
+    def release_memory(self) -> None:
+        if self.rank == 0:
+            self.feed.release_memory()
+
+    def resume_memory(self) -> None:
+        if self.rank == 0:
+            self.feed.resume_memory()
+
+    def stats_row(self) -> dict:
+        """What the source dropped so far (on rank 0; zeros elsewhere), for the metrics."""
+        return {"stream_position": self.position, "dropped_stale": self.stats.stale,
+                "dropped_constant": self.stats.constant, "rollout_errors": self.stats.errors}
 
     def close(self) -> None:
         if self.rank == 0:

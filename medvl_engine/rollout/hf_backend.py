@@ -218,7 +218,8 @@ class HFBackend(Backend):
     def _encode(self, requests: list[PromptRequest]) -> dict[str, torch.Tensor]:
         if any(r.images for r in requests):
             texts = [r.text if r.text is not None else self.tokenizer.decode(r.input_ids) for r in requests]
-            encoded = self.processor(text=texts, images=[list(r.images) for r in requests], padding=True,
+            # One flat list, in row order: rows without images (0 of them) have no placeholder to fill.
+            encoded = self.processor(text=texts, images=[im for r in requests for im in r.images], padding=True,
                                      padding_side="left", return_tensors="pt")
             return {k: v.to(self.device) for k, v in encoded.items()}
         ids = [r.input_ids if r.input_ids is not None else self.tokenizer(r.text, add_special_tokens=False).input_ids
@@ -352,17 +353,11 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 def load_model_and_processor(path: str, *, dtype: str | torch.dtype | None = None):
     """A Hugging Face folder's model and its tokenizer (text) or processor (vision-language)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(path)
+    from medvl_engine.vision import is_vision_model, load_processor
+
     kwargs = {} if dtype is None else {"dtype": dtype}
-    if getattr(config, "vision_config", None) is None:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    processor = AutoProcessor.from_pretrained(path)
-    if not hasattr(processor, "image_processor"):
-        raise ValueError(
-            f"{path}: AutoProcessor returned {type(processor).__name__} without an image processor (transformers "
-            "does this for Qwen2.5-VL when torchvision is missing); build the processor yourself and use HFBackend(...)"
-        )
-    return model, processor
+    if not is_vision_model(path):
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs), load_processor(path)
+    return AutoModelForImageTextToText.from_pretrained(path, **kwargs), load_processor(path)

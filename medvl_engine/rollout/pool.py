@@ -385,6 +385,7 @@ def to_message(group: ScoredGroup, producer: str, seq: int) -> RolloutGroup:
         parsed=group.parsed,
         position=request.position,
         seed=request.seed,
+        images=request.images,
     )
 
 

@@ -74,6 +74,27 @@ class RolloutError(msgspec.Struct, tag="error"):
     position: int = -1  # the prompt's position in the PromptStream
 
 
+class ImageData(msgspec.Struct):
+    """One image as raw pixels (PIL's `tobytes()` in `mode`): no encoder on the hot path and lossless, so
+    the learner's image processor sees exactly the pixels the engine's saw. A 448x448 RGB image is 588 KB."""
+
+    mode: str
+    width: int
+    height: int
+    data: bytes
+
+    @classmethod
+    def from_pil(cls, image) -> ImageData:
+        if image.mode not in ("RGB", "L", "RGBA", "I;16"):
+            image = image.convert("RGB")
+        return cls(mode=image.mode, width=image.width, height=image.height, data=image.tobytes())
+
+    def to_pil(self):
+        from PIL import Image
+
+        return Image.frombytes(self.mode, (self.width, self.height), self.data)
+
+
 class RolloutGroup(msgspec.Struct, tag="group"):
     """The n scored answers of one prompt (one GRPO group)."""
 
@@ -96,6 +117,7 @@ class RolloutGroup(msgspec.Struct, tag="group"):
     parsed: list[str] = []  # the extracted answer of each answer
     position: int = -1  # the prompt's position in the PromptStream (same for every placement)
     seed: int = -1  # the sampling seed of that position (-1: none)
+    images: list[ImageData] = []  # the prompt's images, in the order of their placeholders
 
     @property
     def n(self) -> int:
@@ -143,6 +165,7 @@ class RolloutGroup(msgspec.Struct, tag="group"):
         parsed: Sequence[str] | None = None,
         position: int = -1,
         seed: int | None = None,
+        images: Sequence = (),
     ) -> RolloutGroup:
         n = len(response_ids)
         for name, seq_ in (("logprobs", logprobs), ("texts", texts), ("finish_reasons", finish_reasons),
@@ -170,7 +193,12 @@ class RolloutGroup(msgspec.Struct, tag="group"):
             parsed=list(parsed) if parsed is not None else [""] * n,
             position=int(position),
             seed=-1 if seed is None else int(seed),
+            images=[im if isinstance(im, ImageData) else ImageData.from_pil(im) for im in images],
         )
+
+    def image_list(self) -> list:
+        """The prompt's images as PIL images."""
+        return [im.to_pil() for im in self.images]
 
 
 def _buffer(values, dtype) -> bytes:

@@ -87,3 +87,16 @@ def toy_model(tmp_path_factory) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         chat_template=CHATML_TEMPLATE)
     return _save_tiny_llama(tmp_path_factory.mktemp("toy"), tokenizer, hidden=32, layers=1, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_model(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL (the real Qwen2.5 tokenizer) saved with its image-only processor (4-16
+    image tokens per image), as `medvl_engine.vision.load_processor` and the hf backend load it."""
+    from tiny_models import image_only_qwen2_5_vl_processor, qwen_tokenizer, tiny_qwen2_5_vl
+
+    folder = tmp_path_factory.mktemp("tiny-vl")
+    tokenizer = qwen_tokenizer()
+    tiny_qwen2_5_vl(tokenizer).save_pretrained(folder)
+    image_only_qwen2_5_vl_processor(tokenizer).save_pretrained(folder)
+    return folder
