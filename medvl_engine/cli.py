@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from medvl_engine import __version__
@@ -41,6 +42,14 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cpu_defaults() -> None:
+    """Settings every command gets before torch (and its OpenMP runtime, which reads them once) loads,
+    unless the user set them: OpenMP threads wait passively instead of spinning. Generation shares the
+    cores with the learner, a worker or the scorer's threads; spinning made `eval --limit 4` on a busy
+    2-core machine take 2 min 37 s against 36 s passive."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -50,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         top.error(f"unknown command {name!r} (choose from {', '.join(COMMANDS)})")
+    cpu_defaults()
     module_name, help_ = COMMANDS[name]
     try:
         module = importlib.import_module(module_name)
