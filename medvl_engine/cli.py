@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "passrate": ("medvl_engine.evals.passrate", "estimate per-question pass counts (n samples each)"),
     "curate": ("medvl_engine.evals.curate", "keep questions by pass count and order them by difficulty"),
     "report": ("medvl_engine.evals.report", "compare evaluation runs side by side"),
+    "build-data": ("medvl_engine.databuild.command", "filter, deduplicate, reformat image-caption pairs into VQA"),
 }
 
 
