@@ -110,7 +110,7 @@ def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[Run
     open_run(cfg.output, "eval", sections(cfg), volatile=VOLATILE, overwrite=cfg.overwrite)
     owned = backends is None
     if owned:
-        backends, renderer = build_backends(cfg.rollout, cfg.model)
+        backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
 
     async def run():
         try:

@@ -139,7 +139,7 @@ def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunS
     open_run(cfg.output, "passrate", sections(cfg), volatile=VOLATILE, overwrite=cfg.overwrite)
     owned = backends is None
     if owned:
-        backends, renderer = build_backends(cfg.rollout, cfg.model)
+        backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
 
     async def run():
         try:

@@ -63,13 +63,14 @@ def resolve_model(model: str) -> str:
     return resolve_model_path(model)
 
 
-def build_backends(rollout, model: str) -> tuple[list, object]:
-    """One backend of `rollout` for `model` and the tokenizer/processor whose chat template renders prompts."""
-    from medvl_engine.rollout.config import make_rollout_backend
+def build_backends(rollout, model: str, samples: Sequence = ()) -> tuple[list, object]:
+    """One backend of `rollout` for `model` (room for the most images one of `samples` carries) and the
+    tokenizer/processor whose chat template renders prompts."""
+    from medvl_engine.rollout.config import make_rollout_backend, max_images
     from medvl_engine.rollout.stream import load_renderer
 
     path = resolve_model(model)
-    backend = make_rollout_backend(rollout, path)
+    backend = make_rollout_backend(rollout, path, max_images=max_images(samples))
     renderer = getattr(backend, "processor", None) or load_renderer(path)
     return [backend], renderer
 

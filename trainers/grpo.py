@@ -290,16 +290,17 @@ def build_local_feed(cfg: GRPOConfig, learner, state: dict | None = None):
     from dataclasses import replace
 
     from medvl_engine.models import resolve_model_path
-    from medvl_engine.rollout.config import make_rollout_backend
+    from medvl_engine.rollout.config import make_rollout_backend, max_images
     from medvl_engine.rollout.stream import PromptStream, load_data
     from medvl_engine.trainers.sources import LocalFeed
 
     rollout = cfg.rollout
     if rollout.backend == "hf" and rollout.device == "auto":
         rollout = replace(rollout, device=str(learner.device))
-    backend = make_rollout_backend(rollout, resolve_model_path(cfg.model.path))
-    renderer = getattr(backend, "processor", None) or learner.tokenizer
-    stream = PromptStream.from_config(load_data(cfg.data), renderer, cfg.data, rollout.seed,
+    samples = load_data(cfg.data)
+    backend = make_rollout_backend(rollout, resolve_model_path(cfg.model.path), max_images=max_images(samples))
+    renderer = getattr(backend, "processor", None) or learner.processor or learner.tokenizer
+    stream = PromptStream.from_config(samples, renderer, cfg.data, rollout.seed,
                                       max_prompt_tokens=rollout.max_prompt_tokens)
     return LocalFeed(backend, stream, rollout.sampling_params(logprobs=True), rollout)
 

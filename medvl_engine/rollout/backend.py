@@ -6,8 +6,9 @@ broadcast, a Hugging Face folder on disk), and can pause, free and regain its me
 sharing the GPUs). Everything is `async`: the pool drives many backends from one event loop, so a
 backend never blocks the loop (engines run in their own processes or threads).
 
-Backends: `hf` (transformers `generate`, the reference; medvl_engine.rollout.hf_backend) and `sglang`
-(`sglang.Engine` in-process; medvl_engine.rollout.sglang_backend, imported only when chosen).
+Backends: `hf` (transformers `generate`, the reference; medvl_engine.rollout.hf_backend), `sglang`
+(`sglang.Engine` in-process; medvl_engine.rollout.sglang_backend) and `vllm` (vLLM's `AsyncLLM`;
+medvl_engine.rollout.vllm_backend); the engine packages are imported only when chosen.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams
 
-BACKENDS = ("hf", "sglang")
+BACKENDS = ("hf", "sglang", "vllm")
 
 
 class Backend(abc.ABC):
@@ -105,4 +106,8 @@ def make_backend(name: str, model_path: str, **kwargs) -> Backend:
         from medvl_engine.rollout.sglang_backend import SGLangBackend
 
         return SGLangBackend.from_pretrained(model_path, **kwargs)
+    if name == "vllm":
+        from medvl_engine.rollout.vllm_backend import VLLMBackend
+
+        return VLLMBackend.from_pretrained(model_path, **kwargs)
     raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

@@ -51,7 +51,7 @@ class DataConfig:
 class RolloutConfig:
     """How answers are generated: the engine, the sampling, and the bounds of the RolloutPool."""
 
-    backend: Literal["hf", "sglang"] = param("hf", "generation engine")
+    backend: Literal["hf", "sglang", "vllm"] = param("hf", "generation engine")
     n: int = param(8, "answers per question (the GRPO group size)")
     temperature: float = param(1.0, "sampling temperature (0: greedy)")
     top_p: float = param(1.0, "nucleus sampling")
@@ -69,7 +69,7 @@ class RolloutConfig:
     max_batch: int = param(16, "hf backend: sequences per generate call")
     threads: int = param(0, "hf backend: torch CPU threads (0: torch's choice)")
     tp_size: int = param(1, "sglang backend: tensor-parallel size")
-    mem_fraction_static: float = param(0.0, "sglang backend: GPU memory share for weights and KV cache (0: sglang's)")
+    mem_fraction_static: float = param(0.0, "sglang/vllm: memory share for weights and KV cache (0: the engine's)")
 
     def __post_init__(self):
         if self.n < 1:
@@ -118,9 +118,21 @@ def torch_dtype(dtype: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
-def make_rollout_backend(cfg: RolloutConfig, model_path: str):
-    """The backend `cfg` names, loaded from the Hugging Face folder `model_path`."""
+def max_images(samples) -> int:
+    """The most images one question of `samples` carries (an engine's per-prompt image limit)."""
+    return max((len(s.images) for s in samples), default=0)
+
+
+def make_rollout_backend(cfg: RolloutConfig, model_path: str, *, max_images: int = 0):
+    """The backend `cfg` names, loaded from the Hugging Face folder `model_path`; `max_images` is the most
+    images a prompt will carry (vLLM reserves room for that many per prompt)."""
     from medvl_engine.rollout.backend import make_backend
+
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    if cfg.backend == "vllm":
+        return make_backend("vllm", model_path, dtype=names.get(cfg.dtype, "auto"), seed=cfg.seed,
+                            max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens, max_images=max_images,
+                            **({"gpu_memory_utilization": cfg.mem_fraction_static} if cfg.mem_fraction_static else {}))
 
     if cfg.backend == "hf":
         if cfg.threads:
@@ -140,5 +152,5 @@ def make_rollout_backend(cfg: RolloutConfig, model_path: str):
     if cfg.mem_fraction_static:
         kwargs["mem_fraction_static"] = cfg.mem_fraction_static
     if cfg.dtype != "auto":
-        kwargs["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
+        kwargs["dtype"] = names[cfg.dtype]
     return make_backend("sglang", model_path, **kwargs)

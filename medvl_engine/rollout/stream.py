@@ -67,11 +67,9 @@ def epoch_order(n: int, shuffle_seed: int | None, epoch: int) -> np.ndarray:
 
 def load_renderer(path: str):
     """The tokenizer (text model) or processor (vision-language model) whose chat template renders prompts."""
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+    from medvl_engine.vision import load_processor
 
-    if getattr(AutoConfig.from_pretrained(path), "vision_config", None) is None:
-        return AutoTokenizer.from_pretrained(path)
-    return AutoProcessor.from_pretrained(path)
+    return load_processor(path)
 
 
 def build_request(renderer, sample, prompt_id: str, *, seed: int | None = None, position: int = -1,

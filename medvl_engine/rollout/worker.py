@@ -93,13 +93,13 @@ def main(args) -> int:
 
 def run(cfg: WorkerConfig) -> int:
     from medvl_engine.models import resolve_model_path
-    from medvl_engine.rollout.config import make_rollout_backend
+    from medvl_engine.rollout.config import make_rollout_backend, max_images
     from medvl_engine.rollout.stream import load_data
     from medvl_engine.transport.channel import GroupSender
 
     samples = load_data(cfg.data)
     path = resolve_model_path(cfg.model)
-    backend = make_rollout_backend(cfg.rollout, path)
+    backend = make_rollout_backend(cfg.rollout, path, max_images=max_images(samples))
     renderer = getattr(backend, "processor", None) or load_renderer(path)
     stream = PromptStream.from_config(samples, renderer, cfg.data, cfg.rollout.seed, shard=cfg.shard_index,
                                       num_shards=cfg.num_shards, stop=cfg.max_prompts or None,
