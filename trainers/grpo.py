@@ -298,7 +298,8 @@ def build_local_feed(cfg: GRPOConfig, learner, state: dict | None = None):
     if rollout.backend == "hf" and rollout.device == "auto":
         rollout = replace(rollout, device=str(learner.device))
     samples = load_data(cfg.data)
-    backend = make_rollout_backend(rollout, resolve_model_path(cfg.model.path), max_images=max_images(samples))
+    backend = make_rollout_backend(rollout, resolve_model_path(cfg.model.path), max_images=max_images(samples),
+                                   colocated=True)
     renderer = getattr(backend, "processor", None) or learner.processor or learner.tokenizer
     stream = PromptStream.from_config(samples, renderer, cfg.data, rollout.seed,
                                       max_prompt_tokens=rollout.max_prompt_tokens)

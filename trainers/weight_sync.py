@@ -160,16 +160,22 @@ def _init_custom_group(backend: str, init_method: str, world_size: int, rank: in
         rendezvous,
     )
 
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size))
+    from datetime import timedelta
+
+    # torch >= 2.13 refuses a group without an explicit timeout (TypeError); 30 min as SGLang's side uses.
+    timeout = timedelta(minutes=30)
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
     store = PrefixStore(group_name, store)
-    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name)
+    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+                                         timeout=timeout)
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
 
 
 def make_sync(kind: str, *, run_dir: str | Path, backends: Iterable = (), announce=None, bucket_mb: int = 512,
               run: Callable | None = None):
-    """The sync for `rollout.weight_sync`: memory (backends in this process), disk, distributed."""
+    """The sync for `transport.weight_sync`: memory (backends in this process), disk, distributed (a
+    DistributedSync needs `connect(...)` with engines that join its group; `grpo` offers memory and disk)."""
     if kind == "memory":
         return MemorySync(backends, bucket_bytes=bucket_mb << 20, run=run)
     if kind == "disk":

@@ -123,9 +123,10 @@ def max_images(samples) -> int:
     return max((len(s.images) for s in samples), default=0)
 
 
-def make_rollout_backend(cfg: RolloutConfig, model_path: str, *, max_images: int = 0):
+def make_rollout_backend(cfg: RolloutConfig, model_path: str, *, max_images: int = 0, colocated: bool = False):
     """The backend `cfg` names, loaded from the Hugging Face folder `model_path`; `max_images` is the most
-    images a prompt will carry (vLLM reserves room for that many per prompt)."""
+    images a prompt will carry (vLLM reserves room for that many per prompt); `colocated` says the engine
+    shares its accelerators with a learner (SGLang then starts with its memory saver)."""
     from medvl_engine.rollout.backend import make_backend
 
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -148,7 +149,7 @@ def make_rollout_backend(cfg: RolloutConfig, model_path: str, *, max_images: int
         if cfg.dtype != "auto":
             kwargs["dtype"] = torch_dtype(cfg.dtype)
         return make_backend("hf", model_path, **kwargs)
-    kwargs = {"tp_size": cfg.tp_size}
+    kwargs = {"tp_size": cfg.tp_size, "colocated": colocated}
     if cfg.mem_fraction_static:
         kwargs["mem_fraction_static"] = cfg.mem_fraction_static
     if cfg.dtype != "auto":

@@ -2,8 +2,20 @@
 
 Generation is `await engine.async_generate(input_ids=..., image_data=..., sampling_params={..., "n": n},
 return_logprob=True)`: one request per prompt, so SGLang preprocesses its images once and shares the
-prompt's KV cache across the n samples. The log-probs are SGLang's default: the temperature-scaled
-distribution before top-k/top-p (the same definition as HFBackend).
+prompt's KV cache across the n samples. With n > 1 SGLang turns the prompt into a batch of one, so its
+images go as a list per prompt (`[images]`; a flat list of two or more images fails its batch
+normalisation). The log-probs are SGLang's default: the temperature-scaled distribution before
+top-k/top-p (the same definition as HFBackend).
+
+Seeds: SGLang honours `sampling_seed` only with deterministic inference on (`from_pretrained` turns it
+on), and then the n copies of one request share the seed and come out identical. So a seeded prompt
+goes as n requests of one sample each, sample k seeded `derive_seed(seed, k)` (what slime's SGLang
+rollout does); they share the prompt's prefix in the radix cache. Unseeded prompts stay one request.
+
+Data-parallel SGLang engines (`dp_size > 1`) are refused: weight updates assert `dp_size == 1`;
+replicas go in separate worker processes. Memory release needs the engine started with its memory
+saver (`enable_memory_saver=True`, what `from_pretrained(colocated=True)` asks) and an idle scheduler
+(generation is paused first).
 
 Control calls (weights, memory, pause) go to the engine's `tokenizer_manager` coroutines with the
 request structs of `sglang.srt.managers.io_struct`, exactly what the engine's own synchronous methods
@@ -18,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
 from medvl_engine.rollout.backend import Backend
-from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams
+from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams, derive_seed
 
 # The io_struct request types this backend sends, by name (looked up in sglang.srt.managers.io_struct).
 REQUEST_TYPES = (
@@ -61,7 +74,7 @@ def sampling_params_for(params: SamplingParams, seed: int | None = None) -> dict
 
 
 def generate_kwargs(request: PromptRequest, params: SamplingParams) -> dict[str, Any]:
-    """The keyword arguments of `Engine.async_generate` for one prompt answered n times."""
+    """The keyword arguments of `Engine.async_generate` for one prompt answered `params.n` times."""
     kwargs: dict[str, Any] = {"sampling_params": sampling_params_for(params, request.seed),
                               "return_logprob": params.return_logprobs}
     if request.input_ids is not None:
@@ -69,8 +82,19 @@ def generate_kwargs(request: PromptRequest, params: SamplingParams) -> dict[str,
     else:
         kwargs["prompt"] = request.text
     if request.images:
-        kwargs["image_data"] = list(request.images)
+        # n > 1 makes SGLang treat the prompt as a batch of one: images per prompt, i.e. a list of lists.
+        kwargs["image_data"] = [list(request.images)] if params.n > 1 else list(request.images)
     return kwargs
+
+
+def generate_calls(request: PromptRequest, params: SamplingParams) -> list[dict[str, Any]]:
+    """The `async_generate` calls that answer `request` n times: one, or, for a seeded request, one per
+    sample with its own seed (SGLang gives the n copies of a seeded request the same seed)."""
+    seed = request.seed_for(params)
+    if seed is None or params.n == 1:
+        return [generate_kwargs(request, params)]
+    single = replace(params, n=1, seed=None)
+    return [generate_kwargs(replace(request, seed=derive_seed(seed, k)), single) for k in range(params.n)]
 
 
 def completion_from_output(output: dict, version: int, prompt_id: str) -> Completion:
@@ -120,18 +144,31 @@ class SGLangBackend(Backend):
     name = "sglang"
 
     def __init__(self, engine, *, weight_version: int = 0, request_types: Any = None):
+        dp_size = getattr(getattr(engine, "server_args", None), "dp_size", 1) or 1
+        if dp_size > 1:
+            raise ValueError(f"sglang: an engine with dp_size={dp_size}: SGLang's weight updates need dp_size 1; run "
+                             "data-parallel replicas as separate rollout workers (one engine each)")
         self.engine = engine
         self.types = request_types if request_types is not None else _io_struct_types()
         self._version = int(weight_version)
         self._update_lock = asyncio.Lock()
 
     @classmethod
-    def from_pretrained(cls, path: str, *, weight_version: int = 0, **engine_kwargs) -> SGLangBackend:
-        """Start `sglang.Engine(model_path=path, **engine_kwargs)` in this process (tp_size, mem_fraction_static...)."""
+    def from_pretrained(cls, path: str, *, weight_version: int = 0, colocated: bool = False,
+                        **engine_kwargs) -> SGLangBackend:
+        """Start `sglang.Engine(model_path=path, **engine_kwargs)` in this process (tp_size, mem_fraction_static...).
+
+        Deterministic inference is on unless `engine_kwargs` says otherwise (seeds take effect only then);
+        `colocated` (the engine shares its GPUs with the learner) turns the memory saver on so that
+        `release_memory` can free the GPU for the update.
+        """
         try:
             import sglang
         except ImportError as exc:
             raise ImportError("the sglang backend needs sglang: pip install 'medvl-engine[sglang]'") from exc
+        engine_kwargs.setdefault("enable_deterministic_inference", True)
+        if colocated:
+            engine_kwargs.setdefault("enable_memory_saver", True)
         # Versions travel as strings in SGLang; start the engine at ours so its outputs report it.
         engine = sglang.Engine(model_path=path, weight_version=str(weight_version), **engine_kwargs)
         return cls(engine, weight_version=weight_version)
@@ -142,8 +179,9 @@ class SGLangBackend(Backend):
 
     async def generate(self, request: PromptRequest, params: SamplingParams) -> list[Completion]:
         version = self._version
-        output = await self.engine.async_generate(**generate_kwargs(request, params))
-        outputs = output if isinstance(output, list) else [output]
+        results = await asyncio.gather(*(self.engine.async_generate(**kwargs)
+                                         for kwargs in generate_calls(request, params)))
+        outputs = [o for result in results for o in (result if isinstance(result, list) else [result])]
         if len(outputs) != params.n:
             raise RuntimeError(f"sglang: prompt {request.prompt_id!r}: {len(outputs)} outputs for n={params.n}")
         return [completion_from_output(o, version, request.prompt_id) for o in outputs]
@@ -206,12 +244,15 @@ class SGLangBackend(Backend):
         await self.engine.tokenizer_manager.continue_generation(self.types.ContinueGenerationReqInput())
 
     async def release_memory(self) -> None:
-        await self.engine.tokenizer_manager.release_memory_occupation(
-            self.types.ReleaseMemoryOccupationReqInput(), None)
+        """Weights and KV cache off the GPU (needs the memory saver; the scheduler must be idle: paused first)."""
+        await self.pause()
+        _check(await self.engine.tokenizer_manager.release_memory_occupation(
+            self.types.ReleaseMemoryOccupationReqInput(), None), "release_memory_occupation")
 
     async def resume_memory(self) -> None:
-        await self.engine.tokenizer_manager.resume_memory_occupation(
-            self.types.ResumeMemoryOccupationReqInput(), None)
+        _check(await self.engine.tokenizer_manager.resume_memory_occupation(
+            self.types.ResumeMemoryOccupationReqInput(), None), "resume_memory_occupation")
+        await self.resume()
 
     async def health(self) -> bool:
         """One token of greedy generation answers within 20 s (SGLang's /health_generate does the same)."""

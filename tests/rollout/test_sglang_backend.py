@@ -162,14 +162,16 @@ class RecordingTokenizerManager:
 class RecordingEngine:
     """Test double of sglang.Engine: records calls; async_generate answers `outputs`."""
 
-    def __init__(self, outputs=None, fail: set[str] = frozenset()):
+    def __init__(self, outputs=None, fail: set[str] = frozenset(), per_call: list | None = None, dp_size: int = 1):
         self.calls: list = []
         self.outputs = outputs
+        self.per_call = list(per_call or [])  # answers of successive async_generate calls, when given
+        self.server_args = SimpleNamespace(dp_size=dp_size)
         self.tokenizer_manager = RecordingTokenizerManager(self.calls, set(fail))
 
     async def async_generate(self, **kwargs):
         self.calls.append(("async_generate", kwargs))
-        return self.outputs
+        return self.per_call.pop(0) if self.per_call else self.outputs
 
     def _serialize_tensors_per_rank(self, tensors, load_format):
         self.calls.append(("_serialize_tensors_per_rank", (tensors, load_format)))
@@ -194,25 +196,125 @@ def run(coro):
 PARAMS = SamplingParams(n=2, temperature=0.8, top_p=0.95, top_k=-1, max_new_tokens=64, stop=("</answer>",), seed=7)
 
 
-def test_generate_sends_input_ids_images_and_n_in_one_request():
+UNSEEDED = replace(PARAMS, seed=None)
+
+
+def test_an_unseeded_prompt_is_one_request_with_n_and_its_images_per_prompt():
     image = Image.new("RGB", (28, 28))
     request = PromptRequest("q1", input_ids=[151644, 151655, 30], text="ignored", images=[image])
     engine = RecordingEngine(outputs=[output([5, 6, 7], [-0.1, -0.2, -0.3]),
                                       output([8], [-1.5], finish="length", version="4")])
-    completions = run(SGLangBackend(engine, request_types=recording_request_types()).generate(request, PARAMS))
+    completions = run(SGLangBackend(engine, request_types=recording_request_types()).generate(request, UNSEEDED))
     [(name, kwargs)] = engine.calls
     assert name == "async_generate"
     assert kwargs == {
         "input_ids": [151644, 151655, 30],
-        "image_data": [image],
+        "image_data": [[image]],  # n > 1: SGLang makes a batch of one, so images go per prompt
         "return_logprob": True,
         "sampling_params": {"n": 2, "temperature": 0.8, "top_p": 0.95, "top_k": -1, "max_new_tokens": 64,
-                            "stop": ["</answer>"], "sampling_seed": 7},
+                            "stop": ["</answer>"]},
     }
     assert [c.token_ids.tolist() for c in completions] == [[5, 6, 7], [8]]
     np.testing.assert_array_equal(completions[0].logprobs, np.float32([-0.1, -0.2, -0.3]))
     assert [c.finish_reason for c in completions] == ["stop", "length"]
     assert [c.weight_version for c in completions] == [0, 4]
+
+
+def test_a_seeded_prompt_is_one_request_per_sample_with_its_own_seed():
+    from medvl_engine.rollout.types import derive_seed
+
+    images = [Image.new("RGB", (28, 28)), Image.new("RGB", (56, 28))]
+    request = PromptRequest("q1", input_ids=[151644, 151655, 151655, 30], images=images, seed=99)
+    engine = RecordingEngine(per_call=[output([5], [-0.1]), output([8, 9], [-1.5, -0.5])])
+    completions = run(SGLangBackend(engine, request_types=recording_request_types()).generate(request, PARAMS))
+    calls = [kwargs for name, kwargs in engine.calls]
+    assert [c["sampling_params"]["n"] for c in calls] == [1, 1]
+    assert [c["sampling_params"]["sampling_seed"] for c in calls] == [derive_seed(99, 0), derive_seed(99, 1)]
+    assert all(c["image_data"] == images for c in calls)  # one sample: the prompt's images as a list
+    assert [c.token_ids.tolist() for c in completions] == [[5], [8, 9]]
+
+
+@cache
+def generate_req_input():
+    """sglang's own GenerateReqInput class, compiled from the installed source (importing sglang needs its
+    CUDA dependencies): its batch normalisation is the code that rejected our image_data with n > 1."""
+    root = _require_sglang()
+    relpath = "srt/managers/io_struct.py"
+    node = _classes(relpath)["GenerateReqInput"]
+    helper = next(n for n in ast.parse((root / "srt/multimodal/mm_utils.py").read_text()).body
+                  if isinstance(n, ast.FunctionDef) and n.name == "has_valid_data")
+
+    class Opaque:  # names the normalisation never uses (validators, type aliases)
+        def __getattr__(self, name):
+            return Opaque()
+
+        def __call__(self, *args, **kwargs):
+            return Opaque()
+
+        def __getitem__(self, key):
+            return Opaque()
+
+    import copy as copy_module
+    import dataclasses
+    import typing
+    import uuid
+    import warnings
+    from collections import Counter
+
+    namespace = {"dataclass": dataclasses.dataclass, "field": dataclasses.field, "copy": copy_module, "uuid": uuid,
+                 "warnings": warnings, "Counter": Counter, "Any": typing.Any, "Dict": dict,
+                 "List": list, "Optional": typing.Optional, "Union": typing.Union,
+                 "Annotated": typing.Annotated, "__name__": "sglang_generate_req_input"}
+    names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+    import builtins
+
+    namespace.update({name: Opaque() for name in names
+                      if name not in namespace and name[:1].isupper() and not hasattr(builtins, name)})
+    namespace.update({name: Opaque() for name in ("decode_kv_hints_envelope", "get_return_hidden_states_mode",
+                                                  "validate_optional_list_i64_1d_2d")})
+    module = ast.fix_missing_locations(ast.Module(body=[helper, node], type_ignores=[]))
+    # dont_inherit: this file's `from __future__ import annotations` would turn sglang's annotations into strings.
+    exec(compile(module, str(root / relpath), "exec", dont_inherit=True), namespace)
+    return namespace["GenerateReqInput"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("images", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", [None, 5])
+def test_every_request_passes_sglangs_own_batch_normalisation(n, images, seed):
+    from medvl_engine.rollout.sglang_backend import generate_calls
+
+    request_type = generate_req_input()
+    pictures = [Image.new("RGB", (28 * (k + 1), 28)) for k in range(images)]
+    request = PromptRequest("q", input_ids=[1] + [151655] * images + [2], images=pictures, seed=seed)
+    params = replace(UNSEEDED, n=n)
+    calls = generate_calls(request, params)
+    assert sum(c["sampling_params"]["n"] for c in calls) == n
+    for kwargs in calls:
+        req = request_type(**{k: v for k, v in kwargs.items()})
+        req.normalize_batch_and_arguments()
+        if images:  # every copy of the prompt keeps all its images
+            data = req.image_data if req.is_single else req.image_data[0]
+            assert list(data) == pictures
+    # What the backend sent before: a flat image list with n > 1 and two or more images.
+    if n > 1 and images >= 2:
+        with pytest.raises(ValueError, match="image_data should be equal to the batch size"):
+            flat = request_type(input_ids=[1, 2], image_data=pictures, sampling_params={"n": n})
+            flat.normalize_batch_and_arguments()
+
+
+def test_a_data_parallel_engine_is_refused():
+    with pytest.raises(ValueError, match="dp_size=2"):
+        SGLangBackend(RecordingEngine(dp_size=2), request_types=recording_request_types())
+
+
+def test_releasing_memory_pauses_first_and_resuming_continues():
+    engine = RecordingEngine()
+    backend = SGLangBackend(engine, request_types=recording_request_types())
+    run(backend.release_memory())
+    run(backend.resume_memory())
+    assert [name for name, _ in engine.calls] == ["pause_generation", "release_memory_occupation",
+                                                   "resume_memory_occupation", "continue_generation"]
 
 
 def test_text_prompts_and_single_outputs():
@@ -230,7 +332,7 @@ def test_text_prompts_and_single_outputs():
 def test_malformed_outputs_are_errors():
     backend = SGLangBackend(RecordingEngine(outputs=[output([1], [-1.0])]), request_types=recording_request_types())
     with pytest.raises(RuntimeError, match="1 outputs for n=2"):
-        run(backend.generate(PromptRequest("q", input_ids=[1]), PARAMS))
+        run(backend.generate(PromptRequest("q", input_ids=[1]), UNSEEDED))
     with pytest.raises(RuntimeError, match="unknown reason"):
         completion_from_output(output([1], [-1.0], finish="weird"), 0, "q")
     bad = output([1, 2], [-1.0, -2.0])

@@ -103,3 +103,17 @@ def test_export_loads_back_with_equal_logits(toy_model, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, learner.module(ids).logits)
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_the_engines_group_forms_with_an_explicit_timeout():
+    """torch >= 2.13 refuses a process group created without a timeout (TypeError); a one-rank gloo group
+    forms and broadcasts."""
+    import torch.distributed as dist
+
+    from medvl_engine.trainers.distributed import free_port
+    from medvl_engine.trainers.weight_sync import _init_custom_group
+
+    group = _init_custom_group("gloo", f"tcp://127.0.0.1:{free_port()}", 1, 0, "medvl_weights_test")
+    tensor = torch.arange(3.0)
+    dist.broadcast(tensor, src=0, group=group)
+    assert tensor.tolist() == [0.0, 1.0, 2.0]
