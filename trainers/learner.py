@@ -3,8 +3,12 @@
 Both SFT and GRPO train through it:
 
     learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=16, total_steps=100)
-    logp = learner.response_logprobs(micro)    # [B, L-1] log-probs of each next token
+    logp = learner.response_logprobs(micro)    # [B, L-1] log-probs of the answer tokens, 0 elsewhere
     learner.backward(loss); learner.step()
+
+Log-probs come from the policy's final hidden states through `linear_token_logprobs` on the answer
+rows only (`trainers/fused_head.py`): the [B, L, V] logits never exist. `fused_logprobs=False` (an
+argument of `build`, or the attribute) takes the plain path instead: full logits, then `token_logprobs`.
 
 Checkpoints, the Hugging Face export and the weight push read the parameters through
 `full_parameters()`, which under ZeRO-3 gathers them a bucket at a time.
@@ -77,8 +81,11 @@ def pad_sequences(sequences: list[list[int]], loss_starts: list[int], pad_id: in
 
 class Learner:
     def __init__(self, engine, tokenizer, reference, model_cfg: ModelConfig, ds_cfg: DeepSpeedConfig,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, *, fused_logprobs: bool = True):
         self.engine = engine
+        # True: log-probs through the fused output head (needs `install_fused_head` on the policy and
+        # the reference before they were wrapped); False: through the full logits. Read at every call.
+        self.fused_logprobs = fused_logprobs
         self.tokenizer = tokenizer
         self.reference = reference
         self.model_cfg = model_cfg
@@ -89,14 +96,24 @@ class Learner:
 
     @classmethod
     def build(cls, model_cfg: ModelConfig, optim_cfg: OptimConfig, ds_cfg: DeepSpeedConfig, *,
-              train_batch_size: int, total_steps: int, reference: bool = False) -> Learner:
-        """Load the policy, wrap it in DeepSpeed and, for a KL loss, keep a frozen copy of it."""
+              train_batch_size: int, total_steps: int, reference: bool = False,
+              fused_logprobs: bool = True) -> Learner:
+        """Load the policy, wrap it in DeepSpeed and, for a KL loss, keep a frozen copy of it.
+
+        With `fused_logprobs` the policy's output projection becomes a `FusedLogprobHead` (same
+        Parameter, a plain Linear outside the learner's log-prob calls) before DeepSpeed wraps it and
+        before the reference is copied, so both compute log-probs without logits under every ZeRO stage.
+        """
         import deepspeed
+
+        from medvl_engine.trainers.fused_head import install_fused_head
 
         rank, world_size = init_distributed(ds_cfg.backend)
         tokenizer = load_tokenizer(model_cfg.path)
         # DeepSpeed casts to bf16/fp16 itself; loading in fp32 keeps its fp32 master weights exact.
         model = load_policy(model_cfg.path, "fp32", model_cfg.attn_implementation)
+        if fused_logprobs:
+            install_fused_head(model)
         if model_cfg.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 name
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -117,7 +134,7 @@ class Learner:
                 ref_config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
                 ref, *_ = deepspeed.initialize(model=ref, config=ref_config)
             ref = ref.to(device())
-        return cls(engine, tokenizer, ref, model_cfg, ds_cfg, rank, world_size)
+        return cls(engine, tokenizer, ref, model_cfg, ds_cfg, rank, world_size, fused_logprobs=fused_logprobs)
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -133,19 +150,41 @@ class Learner:
         return self.engine.module
 
     def logits(self, model, micro: MicroBatch) -> torch.Tensor:
+        """The [B, L-1, V] logits of `micro` (the plain path; the fused path never builds them)."""
         out = model(**micro.model_inputs(), use_cache=False)
         return out.logits[:, :-1]
 
     def response_logprobs(self, micro: MicroBatch, *, temperature: float = 1.0, reference: bool = False,
                           return_entropy: bool = False):
-        """Log-probs [B, L-1] of `micro.targets` under the policy (or the reference), float32."""
-        from medvl_engine.kernels import token_logprobs
+        """Log-probs [B, L-1] of `micro.targets` under the policy (or the reference), float32, 0 off `micro.mask`.
 
+        With `return_entropy`, `(logp, entropy)`: the entropy of each position's distribution, from
+        the same pass. Both paths give the same numbers; the fused one only projects the masked rows
+        onto the vocabulary.
+        """
         model = self.reference if reference else self.engine
         if model is None:
             raise RuntimeError("response_logprobs(reference=True): the learner was built without a reference")
+        if self.fused_logprobs:
+            return self._fused_logprobs(model, micro, temperature, return_entropy)
+        from medvl_engine.kernels import token_logprobs
+
         logits = self.logits(model, micro)
-        return token_logprobs(logits, micro.targets, temperature=temperature, return_entropy=return_entropy)
+        tokens = micro.targets.masked_fill(~micro.mask, -1)  # negative: no log-prob, no gradient
+        return token_logprobs(logits, tokens, temperature=temperature, return_entropy=return_entropy)
+
+    @staticmethod
+    def _fused_logprobs(model, micro: MicroBatch, temperature: float, return_entropy: bool):
+        from medvl_engine.trainers.fused_head import fused_head
+
+        head = fused_head(model)
+        if head is None:
+            raise RuntimeError("response_logprobs: fused_logprobs is on but the model's output projection is not a "
+                               "FusedLogprobHead; call install_fused_head(model) before wrapping it (Learner.build "
+                               "does), or set fused_logprobs=False")
+        with head.logprobs(micro.targets, micro.mask, temperature=temperature, return_entropy=return_entropy):
+            out = model(**micro.model_inputs(), use_cache=False).logits
+        return (out[..., 0], out[..., 1]) if return_entropy else out[..., 0]
 
     # -- update ---------------------------------------------------------------------------------------
 
