@@ -27,6 +27,8 @@ class ModelConfig:
     dtype: Dtype = param("bf16", "training precision (DeepSpeed bf16/fp16 or plain fp32)")
     gradient_checkpointing: bool = param(True, "recompute activations in backward (MedVLThinker: on)")
     attn_implementation: str = param("sdpa", "transformers attention implementation")
+    fused_logprobs: bool = param(True, "answer log-probs from the final hidden states through the fused output "
+                                 "head (the [B, L, V] logits never exist); off: full logits, then log-softmax")
 
     def __post_init__(self):
         if not self.attn_implementation:

@@ -368,7 +368,8 @@ def run(cfg: GRPOConfig, *, resume: bool = False, feed=None, sync=None, on_step=
     algo = cfg.algo
     groups_per_mini = algo.prompts_per_step // algo.mini_batches
     learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=groups_per_mini * cfg.rollout.n,
-                            total_steps=cfg.steps * algo.mini_batches, reference=algo.kl_coef > 0)
+                            total_steps=cfg.steps * algo.mini_batches, reference=algo.kl_coef > 0,
+                            fused_logprobs=cfg.model.fused_logprobs)
     run_dir = Path(cfg.logging.run_dir)
     state = checkpoint.load_checkpoint(learner, run_dir) if resume else None
     source = build_source(cfg, learner, state, feed=feed)

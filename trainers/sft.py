@@ -158,7 +158,7 @@ def run(cfg: SFTConfig, *, resume: bool = False) -> list[dict]:
     examples = load_examples(cfg, load_tokenizer(cfg.model.path), load_processor(cfg.model.path))
     steps = total_steps(cfg, len(examples))
     learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=cfg.global_batch_size,
-                            total_steps=steps)
+                            total_steps=steps, fused_logprobs=cfg.model.fused_logprobs)
     trainer = SFTTrainer(cfg, learner, examples)
     run_dir = Path(cfg.logging.run_dir)
     start = 0

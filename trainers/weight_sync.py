@@ -152,6 +152,8 @@ def _init_custom_group(backend: str, init_method: str, world_size: int, rank: in
     torch.distributed allows one default group per process; the engines' group is created through
     the same rendezvous helper `init_process_group` uses (SGLang's engines do the same on their side).
     """
+    from datetime import timedelta
+
     from torch.distributed.distributed_c10d import (
         Backend,
         PrefixStore,
@@ -159,8 +161,6 @@ def _init_custom_group(backend: str, init_method: str, world_size: int, rank: in
         _world,
         rendezvous,
     )
-
-    from datetime import timedelta
 
     # torch >= 2.13 refuses a group without an explicit timeout (TypeError); 30 min as SGLang's side uses.
     timeout = timedelta(minutes=30)
