@@ -43,6 +43,18 @@ def build_messages(sample: Sample) -> list[dict]:
     return [{"role": "user", "content": parts}]
 
 
+def render_vqa_prompt(tokenizer_or_processor, sample: Sample) -> str:
+    """A free-form VQA prompt (instruction-tuning rows such as PubMedVision's): the sample's images and its
+    question alone, no MedVLThinker instruction and no options, through the chat template."""
+    content = sample.question if not sample.images else (
+        [{"type": "image", "image": image} for image in sample.images] + [{"type": "text", "text": sample.question}])
+    rendered = tokenizer_or_processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                          add_generation_prompt=True)
+    if not isinstance(rendered, str):
+        raise TypeError(f"apply_chat_template returned {type(rendered).__name__}, expected str")
+    return rendered
+
+
 def render_prompt(tokenizer_or_processor, sample: Sample) -> str:
     """The prompt string the model sees: the chat template applied to `build_messages(sample)` with the
     generation prompt added (images appear as the template's placeholders, e.g. Qwen's

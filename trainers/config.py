@@ -227,6 +227,9 @@ class SFTConfig:
     global_batch_size: int = param(16, "sequences per optimizer step over all ranks")
     max_tokens: int = param(4096, "longer examples are an error, not truncated")
     max_steps: int = param(0, "stop after this many optimizer steps (0: run all epochs)")
+    target: Literal["reasoning", "answer"] = param(
+        "reasoning", "reasoning: MedVLThinker's multiple-choice prompt and `<think>...</think><answer>X</answer>` "
+        "target; answer: free-form VQA (the question alone, the answer text), e.g. build-data's sft.jsonl")
     seed: int = param(0, "learner seed (python, numpy, torch)")
 
     def __post_init__(self):

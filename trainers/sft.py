@@ -49,18 +49,22 @@ def end_of_turn(tokenizer) -> str:
     return tail.rstrip("\n") or (tokenizer.eos_token or "")
 
 
-def encode_example(tokenizer, sample, *, max_tokens: int, processor=None) -> SFTExample:
+def encode_example(tokenizer, sample, *, max_tokens: int, processor=None, target: str = "reasoning") -> SFTExample:
     """Prompt (chat template with the generation prompt) + target + end-of-turn, and where the loss starts.
 
     Prompt and target are tokenized apart so the loss boundary falls exactly between them (ChatML
     ends the prompt with "assistant\\n", a token boundary in every BPE vocabulary we use). An image row
     needs the `processor` of an image-text model: its placeholders are expanded as the engine would.
     """
-    from medvl_engine.prompts import render_prompt, sft_target
+    from medvl_engine.prompts import render_prompt, render_vqa_prompt, sft_target
     from medvl_engine.vision import expand_image_tokens
 
-    prompt = render_prompt(processor or tokenizer, sample)
-    target = sft_target(sample) + end_of_turn(tokenizer)
+    if target == "answer":  # free-form VQA: the question alone, the answer text as the target
+        prompt = render_vqa_prompt(processor or tokenizer, sample)
+        target = sample.answer.strip() + end_of_turn(tokenizer)
+    else:
+        prompt = render_prompt(processor or tokenizer, sample)
+        target = sft_target(sample) + end_of_turn(tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     vision: dict = {}
     if sample.images:
@@ -80,10 +84,18 @@ def encode_example(tokenizer, sample, *, max_tokens: int, processor=None) -> SFT
 def load_examples(cfg: SFTConfig, tokenizer, processor=None) -> list[SFTExample]:
     from medvl_engine.rollout.stream import load_data
 
-    samples = [s for s in load_data(cfg.data) if s.reasoning]
-    if not samples:
-        raise ValueError(f"data.source {cfg.data.source!r}: no sample has a reasoning trace to train on")
-    return [encode_example(tokenizer, s, max_tokens=cfg.max_tokens, processor=processor) for s in samples]
+    samples = load_data(cfg.data)
+    if cfg.target == "reasoning":
+        samples = [s for s in samples if s.reasoning]
+        if not samples:
+            raise ValueError(f"data.source {cfg.data.source!r}: no sample has a reasoning trace to train on "
+                             "(free-form VQA rows, e.g. from `medvl-engine build-data reformat`: --target answer)")
+    else:
+        samples = [s for s in samples if s.answer.strip()]
+        if not samples:
+            raise ValueError(f"data.source {cfg.data.source!r}: no sample has an answer to train on")
+    return [encode_example(tokenizer, s, max_tokens=cfg.max_tokens, processor=processor, target=cfg.target)
+            for s in samples]
 
 
 class SFTTrainer:

@@ -144,6 +144,20 @@ def test_reformat_row_by_row(caption_source, tmp_path, renderer):
     assert "invalid replies" in (out / "summary.md").read_text()
     assert derive_attempt_seed(42, 1, 0) != derive_attempt_seed(42, 2, 0)
 
+    # `medvl-engine sft --target answer` trains on these rows: the question and its images as the prompt
+    # (no multiple-choice instruction, no options), the answer text as the only loss-carrying tokens.
+    from tiny_models import image_only_qwen2_5_vl_processor, qwen_tokenizer
+
+    from medvl_engine.trainers.sft import encode_example
+
+    tokenizer = qwen_tokenizer()
+    processor = image_only_qwen2_5_vl_processor(tokenizer)
+    example = encode_example(tokenizer, samples[1], max_tokens=4096, processor=processor, target="answer")
+    prompt = tokenizer.decode(example.ids[: example.loss_start])
+    assert tokenizer.decode(example.ids[example.loss_start :]) == "answer for r0 (attempt 1)<|im_end|>"
+    assert "question about r0?" in prompt and "Options:" not in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert example.ids.count(processor.image_token_id) > 1 and example.vision["image_grid_thw"].shape[0] == 1
+
 
 @pytest.mark.parametrize("crash_after", [3, 15])  # in the first wave (14 rows); in the second
 def test_reformat_resume_equals_uninterrupted(caption_source, tmp_path, renderer, crash_after):
