@@ -1,17 +1,17 @@
-"""Rollout throughput: generated tokens/s of the RolloutPool over the hf backend vs a plain generate loop.
+"""Rollout throughput: generated tokens/s of the RolloutPool against the engine's own batch generation.
 
-Both sides sample the same GRPO groups (n answers per prompt, bundled text-only questions cycled to
-`--prompts`) with the same model. The plain loop calls `model.generate` once per prompt (its n answers
-in one batch), as a hand-written rollout script would, and again with as many prompts per call as the
-pool's batch holds (a static batch: the best a loop can do without scheduling); the pool runs
-HFBackend with `--max-batch` sequences per generate call and scores every group as it finishes.
-Tokens count each answer up to and including its end-of-sequence token. The pool's requests carry
-per-position seeds as the rollout worker's do (`--unseeded`: none); the plain loops draw from torch's RNG.
+`--backend hf`: the pool over HFBackend (scoring every group as it finishes) against `model.generate` on
+static batches of as many prompts x n as the pool's batch holds (the best a loop can do without
+scheduling); `--backend vllm`: the pool over VLLMBackend (AsyncLLM) against vLLM's offline
+`LLM.generate` on all prompts at once. Both sides answer the same bundled text-only questions (cycled
+to `--prompts`), n samples each. The methods alternate round by round and the table reports medians
+of the per-round ratios: on a shared 2-core machine a method timed once, after the other, measures the
+machine more than the code. Tokens count each answer up to and including its end-of-sequence token.
 
-    python benchmarks/bench_rollout.py                        # tiny random Llama (byte vocabulary)
-    python benchmarks/bench_rollout.py --model PATH --device cuda --dtype bfloat16 --n 8 --max-new-tokens 512
+    python benchmarks/bench_rollout.py --prompts 16 --n 8 --max-new-tokens 128 --rounds 3
+    .venv-vllm/bin/python benchmarks/bench_rollout.py --backend vllm --model PATH --dtype bfloat16
 
-Prints a table and writes one JSON row per measurement (GPU runs default to benchmarks/results/).
+Prints a table and writes one JSON row per method (GPU runs default to benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--unseeded", action="store_true", help="pool: requests without per-position seeds")
     parser.add_argument("--hidden", type=int, default=256, help="tiny model: hidden size")
     parser.add_argument("--layers", type=int, default=4, help="tiny model: layers")
+    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                        help="hf: the pool on HFBackend against a static-batch generate loop; vllm: the pool on "
+                             "VLLMBackend against vLLM's offline LLM.generate (run it in the vLLM environment)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the table shows medians)")
     parser.add_argument("--out", default=None)
     return parser.parse_args(argv)
 
@@ -103,11 +107,88 @@ def plain_loop(model, requests, params: SamplingParams, device, eos_ids: set[int
     return total
 
 
-async def pool_run(backend, requests, params: SamplingParams, max_in_flight: int):
-    pool = RolloutPool([backend], requests, params, max_in_flight=max_in_flight)
-    groups = [item async for item in pool.stream()]
-    await backend.shutdown()
-    return pool.stats, groups
+def rounds_table(names: list[str], times: dict[str, list[float]], tokens: dict[str, list[int]]) -> list[dict]:
+    """Per method: median tokens/s over the rounds and the median of its per-round ratio to the first
+    method (the engine's own generate); interleaved rounds cancel the machine's drift."""
+    import statistics
+
+    base = names[0]
+    rows = []
+    for name in names:
+        rates = [t / s for t, s in zip(tokens[name], times[name])]
+        ratios = [(t / s) / (bt / bs) for t, s, bt, bs in zip(tokens[name], times[name], tokens[base], times[base])]
+        rows.append({"impl": name, "rounds": len(rates), "tokens": tokens[name][-1],
+                     "tokens_per_s": statistics.median(rates), "ratio_median": statistics.median(ratios),
+                     "ratio_min": min(ratios), "ratio_max": max(ratios)})
+    return rows
+
+
+def run_hf(args, requests, params, model, processor, device) -> list[dict]:
+    """hf: one static-batch `model.generate` loop against the pool over HFBackend, interleaved by round."""
+    backend = HFBackend(model, processor, device=args.device, max_batch=args.max_batch)
+    eos_ids, pad_id = set(backend.eos_token_ids), backend.pad_token_id
+    per_call = max(1, args.max_batch // args.n)
+    # The loops run in a worker thread, like HFBackend's generate calls: on a loaded 2-core machine the
+    # main thread's OpenMP team made one tiny generate call 25x slower (10.7 s vs 0.40 s), which would
+    # credit the pool with a threading artefact. One thread for the whole run: a fresh thread per
+    # timed run was measured ~20% slower.
+    thread = ThreadPoolExecutor(max_workers=1)
+    thread.submit(plain_loop, model, requests[:1], params, device, eos_ids, pad_id).result()  # warm-up
+    loop = asyncio.new_event_loop()
+    names = [f"generate ({per_call} prompts x n per call)", f"RolloutPool + HFBackend (max_batch {args.max_batch})"]
+    times = {n: [] for n in names}
+    tokens = {n: [] for n in names}
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        tokens[names[0]].append(thread.submit(plain_loop, model, requests, params, device, eos_ids, pad_id,
+                                              per_call).result())
+        times[names[0]].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        pool = RolloutPool([backend], iter(requests), params, max_in_flight=args.max_in_flight)
+        loop.run_until_complete(_drain(pool))
+        times[names[1]].append(time.perf_counter() - start)
+        tokens[names[1]].append(pool.stats.tokens_generated)
+    thread.shutdown()
+    loop.run_until_complete(backend.shutdown())
+    return rounds_table(names, times, tokens)
+
+
+async def _drain(pool) -> None:
+    async for _ in pool.stream():
+        pass
+
+
+def run_vllm(args, requests, params, model_path: str) -> list[dict]:
+    """vllm: vLLM's own offline `LLM.generate` on all prompts against the pool over VLLMBackend (AsyncLLM)."""
+    from vllm import LLM
+    from vllm import SamplingParams as VLLMSamplingParams
+
+    from medvl_engine.rollout.vllm_backend import VLLMBackend
+
+    kwargs = dict(dtype=args.dtype or "auto", seed=0, enforce_eager=not torch.cuda.is_available(),
+                  gpu_memory_utilization=0.9 if torch.cuda.is_available() else 0.05)
+    offline = LLM(model=model_path, **kwargs)
+    sampling = VLLMSamplingParams(n=params.n, temperature=params.temperature, max_tokens=params.max_new_tokens,
+                                  logprobs=0)
+    prompts = [{"prompt_token_ids": list(r.input_ids)} for r in requests]
+    backend = VLLMBackend.from_pretrained(model_path, **{k: v for k, v in kwargs.items() if k != "enforce_eager"})
+    loop = asyncio.new_event_loop()
+    names = ["vLLM LLM.generate (offline)", "RolloutPool + VLLMBackend (AsyncLLM)"]
+    times = {n: [] for n in names}
+    tokens = {n: [] for n in names}
+    offline.generate(prompts[:1], sampling, use_tqdm=False)  # warm-up
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        outs = offline.generate(prompts, sampling, use_tqdm=False)
+        times[names[0]].append(time.perf_counter() - start)
+        tokens[names[0]].append(sum(len(c.token_ids) for o in outs for c in o.outputs))
+        start = time.perf_counter()
+        pool = RolloutPool([backend], iter(requests), params, max_in_flight=len(requests))
+        loop.run_until_complete(_drain(pool))
+        times[names[1]].append(time.perf_counter() - start)
+        tokens[names[1]].append(pool.stats.tokens_generated)
+    loop.run_until_complete(backend.shutdown())
+    return rounds_table(names, times, tokens)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -118,55 +199,31 @@ def main(args: argparse.Namespace) -> int:
     else:
         model, processor = load_model_and_processor(args.model, dtype=args.dtype)
         model_name = os.path.basename(os.path.normpath(args.model))
-    model = model.to(device).eval()
     samples = [s for s in load_bundled() if not s.images]
     stream = PromptStream(samples, processor, shuffle_seed=None, sample_seed=None if args.unseeded else 0,
                           stop=args.prompts)
     requests = list(stream.requests())
     params = SamplingParams(n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    backend = HFBackend(model, processor, device=args.device, max_batch=args.max_batch)
-    eos_ids, pad_id = set(backend.eos_token_ids), backend.pad_token_id
+    if args.backend == "vllm":
+        import tempfile
 
-    # The loops run in a worker thread, like HFBackend's generate calls: on a loaded 2-core machine the
-    # main thread's OpenMP team made one tiny generate call 25x slower (10.7 s vs 0.40 s), which would
-    # credit the pool with a threading artefact.
-    thread = ThreadPoolExecutor(max_workers=1)
-    thread.submit(plain_loop, model, requests[:1], params, device, eos_ids, pad_id).result()  # warm-up
-    start = time.perf_counter()
-    plain_tokens = thread.submit(plain_loop, model, requests, params, device, eos_ids, pad_id).result()
-    plain_s = time.perf_counter() - start
-    per_call = max(1, args.max_batch // args.n)
-    start = time.perf_counter()
-    batched_tokens = thread.submit(plain_loop, model, requests, params, device, eos_ids, pad_id, per_call).result()
-    batched_s = time.perf_counter() - start
-    thread.shutdown()
-
-    start = time.perf_counter()
-    stats, groups = asyncio.run(pool_run(backend, requests, params, args.max_in_flight))
-    pool_s = time.perf_counter() - start
-    if len(groups) != len(requests):
-        raise SystemExit(f"pool returned {len(groups)} items for {len(requests)} prompts")
-
-    shape = {"model": model_name, "device": device_name(), "prompts": args.prompts, "n": args.n,
-             "max_new_tokens": args.max_new_tokens, "dtype": str(next(model.parameters()).dtype)}
-    plain_rate = plain_tokens / plain_s
-    rows = [
-        {**shape, "impl": "generate loop (1 prompt x n per call)", "tokens": plain_tokens, "seconds": plain_s,
-         "tokens_per_s": plain_rate, "speedup": 1.0},
-        {**shape, "impl": f"generate loop ({per_call} prompts x n per call)", "tokens": batched_tokens,
-         "seconds": batched_s, "tokens_per_s": batched_tokens / batched_s,
-         "speedup": (batched_tokens / batched_s) / plain_rate},
-        {**shape, "impl": f"RolloutPool + HFBackend (max_batch {args.max_batch}, scored"
-                          f"{', unseeded' if args.unseeded else ', seeded'})",
-         "tokens": stats.tokens_generated, "seconds": pool_s, "tokens_per_s": stats.tokens_generated / pool_s,
-         "speedup": (stats.tokens_generated / pool_s) / plain_rate},
-    ]
+        folder = args.model
+        if folder is None:  # the tiny model as a folder vLLM can load
+            folder = tempfile.mkdtemp(prefix="medvl-bench-")
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+        rows = run_vllm(args, requests, params, folder)
+    else:
+        rows = run_hf(args, requests, params, model.to(device).eval(), processor, device)
+    shape = {"bench": "rollout", "backend": args.backend, "model": model_name, "device": device_name(),
+             "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, **environment()}
+    rows = [{**shape, **row} for row in rows]
     print(f"device: {device_name()}   model: {model_name}   {args.prompts} prompts x n={args.n}, "
-          f"max_new_tokens={args.max_new_tokens}")
-    print(format_table(rows, ["impl", "tokens", "seconds", "tokens_per_s", "speedup"]))
+          f"max_new_tokens={args.max_new_tokens}, {args.rounds} interleaved rounds (medians)")
+    print(format_table(rows, ["impl", "rounds", "tokens", "tokens_per_s", "ratio_median", "ratio_min", "ratio_max"]))
     tag = "".join(c if c.isalnum() else "-" for c in device_name()).strip("-").lower()
     folder = "benchmarks/results" if device.type == "cuda" else "benchmarks/out"
-    out = write_rows(args.out or os.path.join(folder, f"rollout-{tag}.jsonl"), rows)
+    out = write_rows(args.out or os.path.join(folder, f"rollout-{args.backend}-{tag}.jsonl"), rows)
     print(f"wrote {len(rows)} rows to {out} ({environment()['commit']})")
     return 0
 
