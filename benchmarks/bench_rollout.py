@@ -154,8 +154,11 @@ def run_hf(args, requests, params, model, processor, device) -> list[dict]:
 
 
 async def _drain(pool) -> None:
-    async for _ in pool.stream():
-        pass
+    from medvl_engine.rollout.pool import FailedPrompt
+
+    async for item in pool.stream():
+        if isinstance(item, FailedPrompt):
+            raise SystemExit(f"prompt {item.request.prompt_id} failed: {item.reason}")
 
 
 def run_vllm(args, requests, params, model_path: str) -> list[dict]:

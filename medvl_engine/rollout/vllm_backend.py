@@ -137,6 +137,9 @@ class VLLMBackend(Backend):
             kwargs["limit_mm_per_prompt"] = {"image": int(max_images)}
         if not torch.cuda.is_available():
             kwargs["enforce_eager"] = True
+            # A seeded request whose prefill is split into chunks makes vLLM rewind its torch.Generator's
+            # offset, which CPU generators do not have ("CPU Generator does not use offset"): whole prefills.
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(engine_kwargs)
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False) or
