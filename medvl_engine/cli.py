@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score-demo": ("medvl_engine.score_demo", "score the bundled model answers in all three grading modes"),
     "score": ("medvl_engine.scoring", "score model answers against a dataset and print the accuracy table"),
     "rollout-worker": ("medvl_engine.rollout.worker", "run a rollout worker that streams scored GRPO groups"),
+    "keys": ("medvl_engine.transport.keys", "write the CURVE keys that authenticate tcp transport"),
     "sft": ("medvl_engine.trainers.sft", "supervised fine-tuning with DeepSpeed"),
     "grpo": ("medvl_engine.trainers.grpo", "GRPO training with DeepSpeed on the rollout stream"),
     "eval": ("medvl_engine.evals.evaluate", "evaluate a model on medical VQA benchmarks"),

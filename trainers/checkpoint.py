@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+try:
+    from numpy._core.multiarray import _reconstruct  # numpy >= 2
+except ImportError:
+    from numpy.core.multiarray import _reconstruct
+
 _TAG_PREFIX = "step_"
+# What `np.random.get_state()` pickles beyond plain values: one uint32 array.
+_NUMPY_RNG_GLOBALS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,12 +93,21 @@ def load_checkpoint(learner, run_dir: str | Path, tag: str | None = None) -> dic
     path, _ = learner.engine.load_checkpoint(str(root), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    state = torch.load(root / tag / "client_state.pt", weights_only=False)
+    state = _load(root / tag / "client_state.pt")
     rng_file = root / tag / f"rng_rank{learner.rank}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"{rng_file} is missing: the checkpoint was written with fewer ranks")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(_load(rng_file))
     return state
+
+
+def _load(path: Path) -> Any:
+    """A file of ours, read by torch's weights-only unpickler: tensors, numbers, strings and containers, plus
+    the uint32 array of numpy's RNG state; any other object in the file is refused, so a checkpoint folder
+    from elsewhere cannot run code when a run resumes from it. (DeepSpeed reads its own model and optimizer
+    files in `engine.load_checkpoint` with its own torch.load.)"""
+    with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+        return torch.load(path, weights_only=True)
 
 
 def export_hf(learner, folder: str | Path, *, dtype: torch.dtype | None = None) -> Path:

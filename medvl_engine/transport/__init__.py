@@ -1,7 +1,8 @@
 """ZeroMQ transport of scored rollout groups (msgspec messages, credit flow control, sequence numbers).
 
 The consumer side is `GroupReceiver` (an iterator of RolloutGroup / RolloutError), the producer side
-`GroupSender`; `channel.py` documents the protocol and the restart contract.
+`GroupSender`; `channel.py` documents the protocol, what the receiver admits and the restart contract;
+`keys.py` writes (`medvl-engine keys DIR`) and loads the CURVE keys of tcp transport.
 """
 
 from medvl_engine.transport.channel import (

@@ -42,6 +42,7 @@ class Credit(msgspec.Struct, tag="credit"):
     next_seq: int
     consumer_version: int = 0
     window: int = 0
+    max_message_bytes: int = 0  # the largest message the consumer reads (0: not said); a larger one is refused
 
 
 class Goodbye(msgspec.Struct, tag="goodbye"):
@@ -199,6 +200,42 @@ class RolloutGroup(msgspec.Struct, tag="group"):
     def image_list(self) -> list:
         """The prompt's images as PIL images."""
         return [im.to_pil() for im in self.images]
+
+
+def shape_error(msg: RolloutGroup | RolloutError) -> str | None:
+    """What makes a decoded stream message unusable (a negative `seq`, per-answer lists or buffers of
+    different lengths, a buffer that is not whole items), or None. msgspec checks the types; this checks
+    what the types cannot say, so a learner never indexes past a buffer a peer sent short."""
+    if msg.seq < 0:
+        return f"seq {msg.seq} < 0"
+    if isinstance(msg, RolloutError):
+        return None
+    n = msg.n
+    for name, items in (("logprobs", msg.logprobs), ("texts", msg.texts), ("finish_reasons", msg.finish_reasons),
+                        ("letters", msg.letters)):
+        if len(items) != n:
+            return f"{name} has {len(items)} entries for {n} answers"
+    if msg.parsed and len(msg.parsed) != n:
+        return f"parsed has {len(msg.parsed)} entries for {n} answers"
+    if len(msg.prompt_ids) % TOKEN_DTYPE.itemsize:
+        return f"prompt_ids has {len(msg.prompt_ids)} bytes, not whole int32 token ids"
+    for name, buf, expected in (("rewards", msg.rewards, LOGPROB_DTYPE.itemsize * n), ("correct", msg.correct, n),
+                                ("format_ok", msg.format_ok, n)):
+        if len(buf) != expected:
+            return f"{name} has {len(buf)} bytes for {n} answers"
+    for i, (tokens, logprobs) in enumerate(zip(msg.response_ids, msg.logprobs)):
+        # int32 ids and float32 log-probs: one log-prob per token is the same number of bytes
+        if len(tokens) % TOKEN_DTYPE.itemsize or len(logprobs) not in (0, len(tokens)):
+            return f"answer {i}: {len(tokens)} bytes of token ids and {len(logprobs)} bytes of log-probs"
+    for i, image in enumerate(msg.images):
+        depth = _PIXEL_BYTES.get(image.mode)
+        size = image.width * image.height * (depth or 0)
+        if depth is None or image.width < 1 or image.height < 1 or len(image.data) != size:
+            return f"image {i}: {len(image.data)} bytes for a {image.width}x{image.height} {image.mode!r} image"
+    return None
+
+
+_PIXEL_BYTES = {"RGB": 3, "L": 1, "RGBA": 4, "I;16": 2}
 
 
 def _buffer(values, dtype) -> bytes:

@@ -17,7 +17,6 @@ from medvl_engine.transport.channel import (
     AUTO_SEQ,
     GroupReceiver,
     GroupSender,
-    ProtocolError,
     SequenceGap,
     TransportError,
 )
@@ -62,6 +61,7 @@ class RawPeer:
     def __init__(self, endpoint: str, producer: str) -> None:
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, f"{producer}/{os.getpid()}".encode())
         self.sock.connect(endpoint)
         self.producer = producer
         self.sock.send(encode(Hello(producer=producer, pid=os.getpid())))
@@ -186,20 +186,22 @@ def test_new_receiver_continues_from_saved_positions(connect):
         sender.close()
 
 
-def test_duplicates_are_dropped_and_gaps_raised(receiver):
-    peer = RawPeer(receiver.endpoint, "raw")
-    peer.send(0, 1, 1, 0, 2, 5, 6)
-    assert [receiver.recv(timeout=5).seq for _ in range(3)] == [0, 1, 2]
-    with pytest.raises(SequenceGap, match="expected sequence number 3, received 5") as caught:
-        receiver.recv(timeout=5)
-    assert (caught.value.producer, caught.value.expected, caught.value.received) == ("raw", 3, 5)
-    # the loss is accounted for and the stream goes on from the message after the gap
-    assert [receiver.recv(timeout=5).seq for _ in range(2)] == [5, 6]
-    stats = receiver.stats
-    assert (stats.duplicates, stats.lost, stats.delivered) == (2, 2, 5)
-    credit = peer.recv()
-    assert isinstance(credit, Credit) and (credit.next_seq, credit.credits, credit.window) == (0, 4, 4)
-    peer.close()
+def test_duplicates_are_dropped_and_gaps_raised():
+    with GroupReceiver("tcp://127.0.0.1:*", credits=8) as receiver:
+        peer = RawPeer(receiver.endpoint, "raw")
+        peer.send(0, 1, 1, 0, 2, 5, 6)  # all below the first Credit's limit of 8
+        assert [receiver.recv(timeout=5).seq for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(SequenceGap, match="expected sequence number 3, received 5") as caught:
+            receiver.recv(timeout=5)
+        assert (caught.value.producer, caught.value.expected, caught.value.received) == ("raw", 3, 5)
+        # the loss is accounted for and the stream goes on from the message after the gap
+        assert [receiver.recv(timeout=5).seq for _ in range(2)] == [5, 6]
+        stats = receiver.stats
+        assert (stats.duplicates, stats.lost, stats.delivered) == (2, 2, 5)
+        credit = peer.recv()
+        assert isinstance(credit, Credit) and (credit.next_seq, credit.credits, credit.window) == (0, 8, 8)
+        assert credit.max_message_bytes == 256 << 20
+        peer.close()
 
 
 def test_gaps_can_be_counted_instead():
@@ -211,14 +213,15 @@ def test_gaps_can_be_counted_instead():
         peer.close()
 
 
-def test_undecodable_bytes_name_their_sender(receiver):
+def test_a_bad_frame_is_dropped_counted_and_logged_with_its_sender(receiver, caplog):
+    """(Once raised ProtocolError out of recv, which stopped the learner.)"""
     peer = RawPeer(receiver.endpoint, "raw")
     peer.sock.send(b"\x93not msgpack of ours")
-    with pytest.raises(ProtocolError, match=r"undecodable message \(20 bytes\) from session"):
-        receiver.recv(timeout=5)
     peer.sock.send(encode(Credit(producer="raw", credits=1, next_seq=0)))
-    with pytest.raises(ProtocolError, match="unexpected Credit"):
-        receiver.recv(timeout=5)
+    peer.send(0)
+    assert receiver.recv(timeout=5).seq == 0
+    assert receiver.stats.dropped == {"invalid": 1, "unexpected_type": 1}
+    assert "dropped a frame from connection 'raw/" in caplog.text and "at 127.0.0.1" in caplog.text
     peer.close()
 
 
@@ -230,7 +233,11 @@ def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match=r"start_seqs\['w0'\] must be an int >= 0"):
         GroupReceiver("tcp://127.0.0.1:*", start_seqs={"w0": -1})
     with pytest.raises(ValueError, match="cannot bind 'tcp://nowhere'"):
-        GroupReceiver("tcp://nowhere")
+        GroupReceiver("tcp://nowhere", curve=False)
+    with pytest.raises(ValueError, match="max_producers must be a positive int"):
+        GroupReceiver("tcp://127.0.0.1:*", max_producers=0)
+    with pytest.raises(ValueError, match="max_message_bytes must be a positive int"):
+        GroupReceiver("tcp://127.0.0.1:*", max_message_bytes=-1)
     with pytest.raises(ValueError, match="producer_id must be a non-empty string"):
         GroupSender("tcp://127.0.0.1:5555", "")
     with pytest.raises(ValueError, match="cannot connect to 'carrier-pigeon://x'"):

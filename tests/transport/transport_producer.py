@@ -1,10 +1,14 @@
 """A rollout-worker stand-in for the transport tests: streams deterministic groups through a GroupSender.
 
-Run: python transport_producer.py ENDPOINT PRODUCER TOTAL [--delay-s SECONDS]
+Run: python transport_producer.py ENDPOINT PRODUCER TOTAL [--delay-s SECONDS] [--garbage]
 
 Message k of producer p is a pure function of (p, k) (`make_message`), so a test can check every byte
 that arrives and a restarted process regenerates exactly what the dead one would have sent. Prints one
 JSON line when the handshake tells it where to start and one with the sender's stats at the end.
+
+With --garbage it is a hostile peer instead: TOTAL frames of every kind the receiver must drop (bytes that
+are not msgpack, a wrong type tag, a huge declared length, multipart, a receiver's message, a stranger's
+claim on worker-0's stream, an impostor's claim, a run past its credit), then one JSON line of counts.
 """
 
 from __future__ import annotations
@@ -12,14 +16,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import random
 import sys
 import time
 import zlib
 
+import msgspec
 import numpy as np
+import zmq
 
 from medvl_engine.transport.channel import GroupSender
-from medvl_engine.transport.messages import RolloutError, RolloutGroup
+from medvl_engine.transport.messages import Credit, Hello, RolloutError, RolloutGroup, encode
 
 
 def make_message(producer: str, seq: int) -> RolloutGroup | RolloutError:
@@ -51,13 +59,53 @@ def make_message(producer: str, seq: int) -> RolloutGroup | RolloutError:
     )
 
 
+def send_garbage(endpoint: str, name: str, total: int) -> dict[str, int]:
+    """`total` frames the receiver must drop, from a connection that never says Hello and from one that
+    says Hello as `name`; returns how many of each kind were sent."""
+    rng = random.Random(name)
+    context = zmq.Context()
+    stranger, impostor = context.socket(zmq.DEALER), context.socket(zmq.DEALER)
+    for sock in (stranger, impostor):
+        sock.connect(endpoint)
+    impostor.send(encode(Hello(producer=name, pid=os.getpid())))
+    kinds = {
+        "random bytes": lambda: [rng.randbytes(rng.randrange(1, 2000))],
+        "invalid opcode": lambda: [b"\xc1garbage"],
+        "wrong type tag": lambda: [msgspec.msgpack.encode({"type": "bogus", "producer": "worker-0"})],
+        "huge declared length": lambda: [b"\xdf\xff\xff\xff\xff" + msgspec.msgpack.encode("type")],
+        "multipart": lambda: [encode(make_message("worker-0", 0)), b"tail"],
+        "credit": lambda: [encode(Credit(producer="worker-0", credits=10**6, next_seq=0))],
+        "stranger's claim": lambda: [encode(make_message("worker-0", rng.choice([0, 1, 10**9])))],
+    }
+    impostor_kinds = {
+        "impostor's claim": lambda: [encode(make_message("worker-1", rng.randrange(0, 50)))],
+        "past its credit": lambda: [encode(make_message(name, 10**6 + rng.randrange(1000)))],
+    }
+    sent = dict.fromkeys([*kinds, *impostor_kinds], 0)
+    for i in range(total):
+        kind = rng.choice([*kinds, *impostor_kinds])
+        sock = impostor if kind in impostor_kinds else stranger
+        sock.send_multipart({**kinds, **impostor_kinds}[kind]())
+        sent[kind] += 1
+        if i % 64 == 63:
+            time.sleep(0.002)  # spread over the producers' run instead of arriving before it
+    for sock in (stranger, impostor):
+        sock.close(linger=5000)
+    context.term()
+    return sent
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("endpoint")
     parser.add_argument("producer")
     parser.add_argument("total", type=int)
     parser.add_argument("--delay-s", type=float, default=0.0, help="pause before each send (a slow engine)")
+    parser.add_argument("--garbage", action="store_true", help="send TOTAL frames the receiver must drop")
     args = parser.parse_args()
+    if args.garbage:
+        print(json.dumps(send_garbage(args.endpoint, args.producer, args.total)), flush=True)
+        return 0
     sender = GroupSender(args.endpoint, args.producer)
     start = sender.handshake(timeout=30)
     print(json.dumps({"resumed_from": start}), flush=True)
