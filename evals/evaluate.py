@@ -21,7 +21,6 @@ A stopped run resumes where it stopped when started again with the same settings
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from medvl_engine import config as config_lib
 from medvl_engine.config import param
 from medvl_engine.evals.runner import RunStats
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
+from medvl_engine.rollout.pool import run_to_end
 
 VOLATILE = ("rollout.device", "rollout.max_batch", "rollout.max_in_flight", "rollout.threads", "run.output",
             "run.overwrite", "run.repeats")
@@ -119,21 +119,9 @@ def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[Run
             if owned:
                 await shutdown(backends)
 
-    stats = run_async(run())
+    stats = run_to_end(run())
     markdown, _ = write_run_report(cfg.output)
     return stats, markdown
-
-
-def run_async(coroutine):
-    """Run `coroutine` to the end, also from inside a running event loop (a notebook): then on a thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

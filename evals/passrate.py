@@ -29,9 +29,10 @@ import numpy as np
 
 from medvl_engine import config as config_lib
 from medvl_engine.config import param
-from medvl_engine.evals.evaluate import check_generation_config, run_async, sections
+from medvl_engine.evals.evaluate import check_generation_config, sections
 from medvl_engine.evals.runner import RunStats
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
+from medvl_engine.rollout.pool import run_to_end
 
 RESULTS_NAME = "results.jsonl"
 VOLATILE = ("rollout.device", "rollout.max_batch", "rollout.max_in_flight", "rollout.threads", "run.output",
@@ -149,7 +150,7 @@ def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunS
             if owned:
                 await shutdown(backends)
 
-    stats = run_async(run())
+    stats = run_to_end(run())
     _, text = write_histogram(cfg.output, f"{Path(cfg.model).name}: pass counts on {Path(cfg.data.source).name}")
     return stats, text
 

@@ -155,26 +155,18 @@ def tiny_llama(tokenizer, *, seed: int = 0, hidden: int = 64, layers: int = 2):
 
 
 def image_only_qwen2_5_vl_processor(tokenizer, *, min_pixels: int = 4 * 28 * 28, max_pixels: int = 16 * 28 * 28):
-    """Qwen2.5-VL's processor without the video processor (which needs torchvision); images only.
+    """Qwen2.5-VL's image-only processor (`medvl_engine.vision`: no video processor, so no torchvision).
 
     The pixel bounds keep tiny test images at 4-16 merged patches (image tokens) each.
     """
-    from transformers import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.processing_utils import ProcessorMixin
 
-    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+    from medvl_engine.vision import image_only_processor
 
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels, max_pixels=max_pixels
     )
-    return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                        chat_template=tokenizer.chat_template)
+    return image_only_processor(image_processor, tokenizer)
 
 
 def tiny_qwen2_5_vl(tokenizer, *, seed: int = 0):
@@ -242,22 +234,11 @@ def save_tiny_llama(folder, *, seed: int = 0) -> Path:
 
 
 def qwen_vl_processor(patch_size: int = 14, merge_size: int = 2):
-    """A Qwen2.5-VL processor for images only, over `qwen_tokenizer()`: `Qwen2_5_VLProcessor` insists on a
-    video processor, which needs torchvision (absent beside a CPU torch), so this subclass drops it.
+    """Qwen2.5-VL's image-only processor over `qwen_tokenizer()` (see `medvl_engine.vision`);
     patch_size/merge_size must match the vision config of the model it feeds."""
-    from transformers import ProcessorMixin, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-        attributes = ["image_processor", "tokenizer"]
+    from medvl_engine.vision import image_only_processor
 
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            # What Qwen2_5_VLProcessor.__init__ sets before its (video-requiring) base call.
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    tokenizer = qwen_tokenizer()
-    image_processor = Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge_size)
-    return ImageOnlyQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+    return image_only_processor(Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge_size),
+                                qwen_tokenizer())

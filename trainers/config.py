@@ -88,6 +88,8 @@ class TransportConfig:
         "auto", "auto: memory when colocated, disk with an endpoint; memory: into the in-process backend; "
         "disk: an HF folder per version, announced to the workers")
     sync_bucket_mb: int = param(512, "bucket size of a weight push, MB")
+    keys: str = param("", "folder of the run's CURVE keys (`medvl-engine keys DIR`; empty: $MEDVL_TRANSPORT_KEYS); "
+                      "needed on tcp addresses other hosts can reach")
 
     def __post_init__(self):
         if self.workers < 0 or self.credits < 0:

@@ -313,7 +313,7 @@ def build_transport_feed(cfg: GRPOConfig, state: dict | None):
 
     t = cfg.transport
     receiver = GroupReceiver(t.endpoint, credits=t.credits or cfg.algo.prompts_per_step,
-                             start_seqs=state["seqs"] if state else None)
+                             start_seqs=state["seqs"] if state else None, keys=t.keys or None)
     endpoint = receiver.endpoint.replace("0.0.0.0", "127.0.0.1")
     run_dir = Path(cfg.logging.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +337,7 @@ def worker_config(cfg: GRPOConfig, endpoint: str, *, shard: int = 0):
 
     return WorkerConfig(model=resolve_model_path(cfg.model.path), connect=endpoint, producer_id=f"rollout-{shard}",
                         shard_index=shard, num_shards=max(cfg.transport.workers, 1), data=cfg.data,
-                        rollout=cfg.rollout)
+                        rollout=cfg.rollout, keys=cfg.transport.keys)
 
 
 def make_weight_sync(cfg: GRPOConfig, source):

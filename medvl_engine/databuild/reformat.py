@@ -47,6 +47,7 @@ from medvl_engine.databuild.checkpoint import StageRun, progress, reasons_table
 from medvl_engine.databuild.records import BadRow, CaptionRecord, count_rows, encode_line, read_records
 from medvl_engine.databuild.reformat_prompts import SCENARIOS, alignment_questions, reformat_prompt
 from medvl_engine.databuild.stage import drop, input_identity
+from medvl_engine.rollout.pool import run_to_end
 
 FAILED = "failed.jsonl"
 SFT, LLAVA = "sft.jsonl", "llava.json"
@@ -192,7 +193,7 @@ class Reformatter:
         try:
             wave = state.extra.get("wave", 1)
             if wave <= self.attempts:
-                wave = _run_async(self._generate(wave, state.rows_done))
+                wave = run_to_end(self._generate(wave, state.rows_done))
             records = self._merge()
             summary, text = self._summary(records)
             self.run.finish(0, self.counters, summary, text, {"wave": wave})
@@ -417,20 +418,6 @@ class Reformatter:
             text += "rows kept at attempt: " + ", ".join(
                 f"{k}: {v}" for k, v in sorted(c["kept_at_attempt"].items())) + "\n"
         return summary, text
-
-
-def _run_async(coroutine):
-    """Run `coroutine` to the end, also from inside a running event loop (a notebook): then on a thread."""
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
 
 
 async def _shutdown(backends) -> None:

@@ -358,6 +358,19 @@ class RolloutPool:
         )
 
 
+def run_to_end(coroutine):
+    """Run `coroutine` to the end from synchronous code, also inside a running event loop (a notebook):
+    then on a thread of its own, since `asyncio.run` refuses to nest."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 def to_message(group: ScoredGroup, producer: str, seq: int) -> RolloutGroup:
     """The wire form of a scored group (token ids and log-probs as raw buffers)."""
     request = group.request

@@ -58,6 +58,7 @@ class WorkerConfig:
     num_shards: int = param(1, "data-parallel workers splitting the prompt stream")
     max_prompts: int = param(0, "stop before this stream position (0: cycle over the data until stopped)")
     handshake_timeout_s: float = param(600.0, "how long to wait for the learner to answer")
+    keys: str = param("", "folder of the run's CURVE keys for tcp (empty: $MEDVL_TRANSPORT_KEYS)")
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
@@ -104,7 +105,7 @@ def run(cfg: WorkerConfig) -> int:
     stream = PromptStream.from_config(samples, renderer, cfg.data, cfg.rollout.seed, shard=cfg.shard_index,
                                       num_shards=cfg.num_shards, stop=cfg.max_prompts or None,
                                       max_prompt_tokens=cfg.rollout.max_prompt_tokens)
-    sender = GroupSender(cfg.connect, cfg.producer_id)
+    sender = GroupSender(cfg.connect, cfg.producer_id, keys=cfg.keys or None)
     worker = RolloutWorker(backend, sender, stream, cfg.rollout.sampling_params(logprobs=True), cfg.rollout,
                            handshake_timeout_s=cfg.handshake_timeout_s)
     try:

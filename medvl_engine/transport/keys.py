@@ -32,6 +32,8 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
+from medvl_engine.config import param
+
 log = logging.getLogger(__name__)
 
 KEYS_ENV = "MEDVL_TRANSPORT_KEYS"
@@ -154,15 +156,26 @@ def _load(path: Path, who: str, *, secret: bool) -> tuple[bytes, bytes | None]:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+@dataclass
+class KeysConfig:
+    """Write the CURVE key pairs of the learner (server.key*) and of the rollout workers (client.key*) for tcp
+    transport; copy the folder to every node of the run and pass it as transport.keys or MEDVL_TRANSPORT_KEYS."""
+
+    folder: str = param(help="folder to write the keys into (created with mode 0700)", positional=True)
+    force: bool = param(False, "replace keys already in the folder")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("write the CURVE key pairs of the learner (server.key*) and of the rollout workers "
-                          "(client.key*) for tcp transport; copy the folder to every node of the run and pass it "
-                          "as keys or MEDVL_TRANSPORT_KEYS")
-    parser.add_argument("folder", help="folder to write the keys into (created with mode 0700)")
-    parser.add_argument("--force", action="store_true", help="replace keys already in the folder")
+    from medvl_engine import config as config_lib
+
+    parser.description = (KeysConfig.__doc__ or "").replace("\n    ", " ").strip()
+    config_lib.add_arguments(parser, KeysConfig, config_flag=False)
 
 
 def main(args: argparse.Namespace) -> int:
+    from medvl_engine import config as config_lib
+
+    args = config_lib.from_args(KeysConfig, args)
     try:
         written = create_keys(args.folder, force=args.force)
     except FileExistsError as exc:
