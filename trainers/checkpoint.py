@@ -59,6 +59,36 @@ def tags(run_dir: str | Path) -> list[str]:
     return sorted(found)
 
 
+def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool = False) -> None:
+    """Check the run folder before anything starts (no model, no DeepSpeed yet).
+
+    `resume` needs a complete checkpoint there. A new run refuses a folder an earlier run used (its
+    checkpoints, weights and logs would mix with this run's: checkpoint rotation would even delete the new
+    run's checkpoints and keep the old one's) unless `overwrite`, which removes it only when medvl-engine
+    wrote it (its config.yaml is there), and only on rank 0.
+    """
+    import os
+
+    run_dir = Path(run_dir)
+    if resume:
+        if not tags(run_dir):
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {checkpoint_dir(run_dir)} (drop --resume "
+                                    "to start a new run)")
+        return
+    used = [name for name in ("metrics.jsonl", "rollouts.jsonl", "checkpoints", "weights", "export")
+            if (run_dir / name).exists()]
+    if not used:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{run_dir} holds an earlier run ({', '.join(used)}): --resume continues it, --overwrite "
+                              "replaces it, or choose another --logging.run-dir")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileExistsError(f"--overwrite: {run_dir} has no config.yaml, so medvl-engine did not write it; "
+                              "remove it yourself or choose another --logging.run-dir")
+    if int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(run_dir)
+
+
 def save_checkpoint(learner, run_dir: str | Path, step: int, client_state: dict[str, Any], *, keep: int = 2) -> Path:
     """Save the engine and `client_state` (plus this rank's RNG states) as tag `step_{step:06d}`."""
     import torch.distributed as dist

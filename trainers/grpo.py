@@ -353,7 +353,8 @@ def make_weight_sync(cfg: GRPOConfig, source):
                      bucket_mb=cfg.transport.sync_bucket_mb)
 
 
-def run(cfg: GRPOConfig, *, resume: bool = False, feed=None, sync=None, on_step=None) -> list[dict]:
+def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, feed=None, sync=None,
+        on_step=None) -> list[dict]:
     """Train `cfg.steps` steps (from the last checkpoint with `resume`); returns the per-step metrics.
 
     `feed` and `sync` default to the configured placement: a RolloutPool in this process with weights
@@ -364,6 +365,7 @@ def run(cfg: GRPOConfig, *, resume: bool = False, feed=None, sync=None, on_step=
     from medvl_engine.trainers.learner import Learner
     from medvl_engine.trainers.metrics import MetricsLog, RolloutLog
 
+    checkpoint.prepare_run_dir(cfg.logging.run_dir, resume=resume, overwrite=overwrite)
     seed_everything(cfg.seed)
     algo = cfg.algo
     groups_per_mini = algo.prompts_per_step // algo.mini_batches
@@ -398,6 +400,10 @@ def run(cfg: GRPOConfig, *, resume: bool = False, feed=None, sync=None, on_step=
                 if cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0:
                     checkpoint.save_checkpoint(learner, run_dir, trainer.step_index, trainer.client_state(),
                                                keep=cfg.checkpoint.keep)
+            if history and (not cfg.checkpoint.every or trainer.step_index % cfg.checkpoint.every):
+                # The end of the run is always a checkpoint (checkpoint.every 0: only there).
+                checkpoint.save_checkpoint(learner, run_dir, trainer.step_index, trainer.client_state(),
+                                           keep=cfg.checkpoint.keep)
         if cfg.checkpoint.export:
             checkpoint.export_hf(learner, run_dir / "export")
     finally:
@@ -408,12 +414,14 @@ def run(cfg: GRPOConfig, *, resume: bool = False, feed=None, sync=None, on_step=
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config_lib.add_arguments(parser, GRPOConfig)
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in the run folder (only a folder medvl-engine wrote)")
 
 
 def main(args: argparse.Namespace) -> int:
     from medvl_engine.trainers.distributed import shutdown
 
     cfg = config_lib.from_args(GRPOConfig, args)
-    history = run(cfg, resume=args.resume)
+    history = run(cfg, resume=args.resume, overwrite=args.overwrite)
     shutdown()  # after an error the other ranks are stopped by the launcher; a barrier would hang them
     return 0 if history and all(math.isfinite(r["loss"]) for r in history) else 1

@@ -158,7 +158,7 @@ def total_steps(cfg: SFTConfig, num_examples: int) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def run(cfg: SFTConfig, *, resume: bool = False) -> list[dict]:
+def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
     """Train; returns the per-step metrics (also written to run_dir/metrics.jsonl on rank 0)."""
     from medvl_engine.trainers import checkpoint
     from medvl_engine.trainers.distributed import seed_everything
@@ -166,6 +166,7 @@ def run(cfg: SFTConfig, *, resume: bool = False) -> list[dict]:
     from medvl_engine.trainers.metrics import MetricsLog
     from medvl_engine.trainers.model import load_processor, load_tokenizer
 
+    checkpoint.prepare_run_dir(cfg.logging.run_dir, resume=resume, overwrite=overwrite)
     seed_everything(cfg.seed)
     examples = load_examples(cfg, load_tokenizer(cfg.model.path), load_processor(cfg.model.path))
     steps = total_steps(cfg, len(examples))
@@ -191,6 +192,10 @@ def run(cfg: SFTConfig, *, resume: bool = False) -> list[dict]:
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
                 checkpoint.save_checkpoint(learner, run_dir, step + 1, {"config": config_lib.to_dict(cfg)},
                                            keep=cfg.checkpoint.keep)
+        if history and (not cfg.checkpoint.every or steps % cfg.checkpoint.every):
+            # The end of the run is always a checkpoint (checkpoint.every 0: only there).
+            checkpoint.save_checkpoint(learner, run_dir, steps, {"config": config_lib.to_dict(cfg)},
+                                       keep=cfg.checkpoint.keep)
     if cfg.checkpoint.export:
         checkpoint.export_hf(learner, run_dir / "export")
     return history
@@ -199,13 +204,15 @@ def run(cfg: SFTConfig, *, resume: bool = False) -> list[dict]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config_lib.add_arguments(parser, SFTConfig)
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in the run folder (only a folder medvl-engine wrote)")
 
 
 def main(args: argparse.Namespace) -> int:
     from medvl_engine.trainers.distributed import shutdown
 
     cfg = config_lib.from_args(SFTConfig, args)
-    history = run(cfg, resume=args.resume)
+    history = run(cfg, resume=args.resume, overwrite=args.overwrite)
     shutdown()  # after an error the other ranks are stopped by the launcher; a barrier would hang them
     if history and not math.isfinite(history[-1]["loss"]):
         return 1

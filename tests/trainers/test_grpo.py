@@ -88,6 +88,8 @@ def test_step_zero_recomputed_logprobs_equal_the_engines_and_the_ratio_is_one(to
     assert row["first_ratio_max_dev"] == 0.0
     assert row["approx_kl"] != 0.0 or row["kl"] == 0.0  # the second mini-batch follows an update
     assert row["kl"] >= 0.0 and row["version"] == 1
+    # checkpoint.every 0: the end of the run is a checkpoint all the same.
+    assert (tmp_path / "run" / "checkpoints" / "step_000001" / "client_state.pt").is_file()
 
 
 @pytest.mark.slow
