@@ -1,4 +1,4 @@
-"""One prepared run on a lent GPU machine (one H100/H200, no network): install, check, measure, one JSON.
+"""One prepared run on a briefly available GPU machine (one H100/H200, no network): install, check, measure.
 
     scripts/gpu-check                          # every step, in ~5-6 minutes on an H100/H200
     scripts/gpu-check --steps compile tests    # some steps (always in the order below)
@@ -39,7 +39,7 @@ WHEELS = ROOT / ".gpu-wheels"
 REQUIREMENTS = ROOT / "scripts" / "gpu-requirements.txt"
 VENV = ROOT / ".gpu-venv"
 STEPS = ("install", "compile", "tests", "bench", "grpo")
-BUDGET_S = 480  # 8 minutes of a lent machine
+BUDGET_S = 480  # 8 minutes of a borrowed machine
 RESERVE_S = 10  # kept for writing the report
 
 
