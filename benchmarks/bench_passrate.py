@@ -46,9 +46,9 @@ def load(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medvl_engine.evals.runner import resolve_model
+    from medvl_engine.models import resolve_model_path
 
-    path = resolve_model(args.model)
+    path = resolve_model_path(args.model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")

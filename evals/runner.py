@@ -56,23 +56,16 @@ class QuestionRecord(msgspec.Struct):
     seed: int  # -1: greedy, no seed
 
 
-def resolve_model(model: str) -> str:
-    """A model folder; `smollm2` becomes the embedded default's folder (converted once and cached)."""
-    from medvl_engine.models import resolve_model_path
-
-    return resolve_model_path(model)
-
-
 def build_backends(rollout, model: str, samples: Sequence = ()) -> tuple[list, object]:
     """One backend of `rollout` for `model` (room for the most images one of `samples` carries) and the
     tokenizer/processor whose chat template renders prompts."""
+    from medvl_engine.models import resolve_model_path
     from medvl_engine.rollout.config import make_rollout_backend, max_images
-    from medvl_engine.rollout.stream import load_renderer
+    from medvl_engine.rollout.stream import backend_renderer
 
-    path = resolve_model(model)
+    path = resolve_model_path(model)
     backend = make_rollout_backend(rollout, path, max_images=max_images(samples))
-    renderer = getattr(backend, "processor", None) or load_renderer(path)
-    return [backend], renderer
+    return [backend], backend_renderer(backend, path)
 
 
 def make_record(group, mode: str) -> QuestionRecord:
@@ -142,9 +135,7 @@ async def generate_into(
                           sample_seed=None if rollout.greedy else rollout.seed + seed_offset, stop=len(samples),
                           max_prompt_tokens=rollout.max_prompt_tokens,
                           skip=lambda position: samples[position].dataset_index in done)
-    pool = RolloutPool(backends, stream.requests(), rollout.sampling_params(logprobs=False),
-                       max_in_flight=rollout.max_in_flight, retries=rollout.retries,
-                       timeout_s=rollout.timeout_s or None, score_mode=mode)
+    pool = RolloutPool.from_config(backends, stream.requests(), rollout, logprobs=False, score_mode=mode)
     start = last = time.perf_counter()
     try:
         async for item in pool.stream():

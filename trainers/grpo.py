@@ -201,10 +201,11 @@ class GRPOTrainer:
     def metrics(self, batch: RolloutBatch, constant: torch.Tensor, stats: list[dict], diff: torch.Tensor,
                 sync: dict, *, start: float, received: float, trained: float) -> dict:
         totals = torch.tensor([[s[k] for k in SUM_KEYS] for s in stats], dtype=torch.float64).sum(0)
-        diff = diff.double().cpu() + torch.tensor([s["diff"] for s in stats], dtype=torch.float64).sum(0) * \
-            torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
-        diff_max = max([float(diff[1])] + [s["diff"][1] for s in stats])
-        maxima = torch.tensor([stats[0]["ratio_dev"], diff_max], dtype=torch.float64)
+        # |engine - learner| parts as [sum, max, tokens]: from before the update (recomputed old log-probs)
+        # and from the first mini-batch (engine log-probs used as old ones); one of the two is zeros.
+        parts = [diff.tolist()] + [s["diff"] for s in stats]
+        diff = torch.tensor([sum(p[0] for p in parts), sum(p[2] for p in parts)], dtype=torch.float64)
+        maxima = torch.tensor([stats[0]["ratio_dev"], max(p[1] for p in parts)], dtype=torch.float64)
         if self.learner.world_size > 1:
             import torch.distributed as dist
 
@@ -213,7 +214,7 @@ class GRPOTrainer:
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         t = dict(zip(SUM_KEYS, totals.tolist()))
         tokens = max(t["tokens"], 1.0)
-        diff_tokens = float(diff[2])
+        diff_tokens = float(diff[1])
         response_tokens = int(batch.response_lengths.sum())
         seconds = time.perf_counter() - start
         row = {
@@ -291,19 +292,18 @@ def build_local_feed(cfg: GRPOConfig, learner, state: dict | None = None):
 
     from medvl_engine.models import resolve_model_path
     from medvl_engine.rollout.config import make_rollout_backend, max_images
-    from medvl_engine.rollout.stream import PromptStream, load_data
+    from medvl_engine.rollout.stream import PromptStream, backend_renderer, load_data
     from medvl_engine.trainers.sources import LocalFeed
 
     rollout = cfg.rollout
     if rollout.backend == "hf" and rollout.device == "auto":
         rollout = replace(rollout, device=str(learner.device))
     samples = load_data(cfg.data)
-    backend = make_rollout_backend(rollout, resolve_model_path(cfg.model.path), max_images=max_images(samples),
-                                   colocated=True)
-    renderer = getattr(backend, "processor", None) or learner.processor or learner.tokenizer
-    stream = PromptStream.from_config(samples, renderer, cfg.data, rollout.seed,
+    path = resolve_model_path(cfg.model.path)
+    backend = make_rollout_backend(rollout, path, max_images=max_images(samples), colocated=True)
+    stream = PromptStream.from_config(samples, backend_renderer(backend, path), cfg.data, rollout.seed,
                                       max_prompt_tokens=rollout.max_prompt_tokens)
-    return LocalFeed(backend, stream, rollout.sampling_params(logprobs=True), rollout)
+    return LocalFeed(backend, stream, rollout)
 
 
 def build_transport_feed(cfg: GRPOConfig, state: dict | None):

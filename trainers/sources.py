@@ -57,15 +57,12 @@ class LocalFeed:
 
     producer = "local"
 
-    def __init__(self, backend, stream, params, rollout, *, score=None):
+    def __init__(self, backend, stream, rollout, *, score=None):
         self.backend = backend
-        self.stream = stream
         self.loop = asyncio.new_event_loop()
         self.pool = None
-        self._make_pool = lambda start: RolloutPool(
-            [backend], stream.requests(start), params, max_in_flight=rollout.max_in_flight,
-            max_staleness=rollout.max_staleness, retries=rollout.retries, timeout_s=rollout.timeout_s or None,
-            score=score)
+        self._make_pool = lambda start: RolloutPool.from_config([backend], stream.requests(start), rollout,
+                                                                logprobs=True, score=score)
         self._items = None
         self.seek(0)
 
@@ -168,7 +165,6 @@ class OrderedSource:
         state = state or {}
         self.position = int(state.get("position", 0))
         self.seqs: dict[str, int] = dict(state.get("seqs", {}))
-        self.window = self.position
         self._announced = WeightVersion(version=0, path="", window=self.position)
         self._buffer: dict[int, RolloutGroup | RolloutError] = {}
         if rank == 0:
@@ -199,13 +195,17 @@ class OrderedSource:
                 groups.append(msg)
         return _share(groups)
 
+    @property
+    def window(self) -> int:
+        """The first stream position the producers may not start yet (the last one announced)."""
+        return self._announced.window
+
     def _open(self, version: int, remaining: int) -> None:
         """Let the producers start every position this step still needs, plus `max_staleness` steps ahead."""
         window = self.position + remaining + self.max_staleness * self.prompts_per_step
         if window > self.window or version > self._announced.version:
-            self.window = max(self.window, window)
             self._send(WeightVersion(version=max(version, self._announced.version), path=self._announced.path,
-                                     window=self.window))
+                                     window=max(self.window, window)))
 
     def _take(self, position: int) -> RolloutGroup | RolloutError:
         deadline = time.monotonic() + self.timeout

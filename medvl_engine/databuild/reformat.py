@@ -283,9 +283,7 @@ class Reformatter:
                     yield prepared
 
         with progress(total, start, f"reformat (attempt {wave})", self.cfg.progress) as bar:
-            pool = RolloutPool(self.backends, requests(), rollout.sampling_params(logprobs=False),
-                               max_in_flight=rollout.max_in_flight, retries=rollout.retries,
-                               timeout_s=rollout.timeout_s or None, score=score_replies)
+            pool = RolloutPool.from_config(self.backends, requests(), rollout, logprobs=False, score=score_replies)
             pool_holder.append(pool)
             pool.set_window(cursor[0] + window)
             async for item in pool.stream():

@@ -172,6 +172,16 @@ class RolloutPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_config(cls, backends: Sequence[Backend], requests: Iterable[PromptRequest], rollout, *,
+                    logprobs: bool, **kwargs) -> RolloutPool:
+        """A pool with the sampling and the bounds of `rollout` (a RolloutConfig); `kwargs`: score_mode, score.
+
+        Dynamic sampling stays with the consumer of an ordered stream (the learner), not the pool."""
+        return cls(backends, requests, rollout.sampling_params(logprobs=logprobs), max_in_flight=rollout.max_in_flight,
+                   max_staleness=rollout.max_staleness, retries=rollout.retries, timeout_s=rollout.timeout_s or None,
+                   **kwargs)
+
     # -- consumer side ------------------------------------------------------------------------------
 
     @property

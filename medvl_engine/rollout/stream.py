@@ -72,6 +72,11 @@ def load_renderer(path: str):
     return load_processor(path)
 
 
+def backend_renderer(backend, path: str):
+    """What renders prompts for `backend`: its own processor or tokenizer (hf), else the folder's."""
+    return getattr(backend, "processor", None) or load_renderer(path)
+
+
 def build_request(renderer, sample, prompt_id: str, *, seed: int | None = None, position: int = -1,
                   max_prompt_tokens: int | None = None, render: Callable | None = None) -> PromptRequest:
     """The prompt of `sample` (MedVLThinker's, through the model's chat template, unless a task brings its

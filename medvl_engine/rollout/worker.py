@@ -34,8 +34,7 @@ from medvl_engine.config import param
 from medvl_engine.rollout.backend import Backend
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
 from medvl_engine.rollout.pool import FailedPrompt, RolloutPool, failed_message, to_message
-from medvl_engine.rollout.stream import PromptStream, load_renderer
-from medvl_engine.rollout.types import SamplingParams
+from medvl_engine.rollout.stream import PromptStream, backend_renderer
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +100,12 @@ def run(cfg: WorkerConfig) -> int:
     samples = load_data(cfg.data)
     path = resolve_model_path(cfg.model)
     backend = make_rollout_backend(cfg.rollout, path, max_images=max_images(samples))
-    renderer = getattr(backend, "processor", None) or load_renderer(path)
+    renderer = backend_renderer(backend, path)
     stream = PromptStream.from_config(samples, renderer, cfg.data, cfg.rollout.seed, shard=cfg.shard_index,
                                       num_shards=cfg.num_shards, stop=cfg.max_prompts or None,
                                       max_prompt_tokens=cfg.rollout.max_prompt_tokens)
     sender = GroupSender(cfg.connect, cfg.producer_id, keys=cfg.keys or None)
-    worker = RolloutWorker(backend, sender, stream, cfg.rollout.sampling_params(logprobs=True), cfg.rollout,
-                           handshake_timeout_s=cfg.handshake_timeout_s)
+    worker = RolloutWorker(backend, sender, stream, cfg.rollout, handshake_timeout_s=cfg.handshake_timeout_s)
     try:
         sent = asyncio.run(worker.run())
     finally:
@@ -119,12 +117,11 @@ def run(cfg: WorkerConfig) -> int:
 class RolloutWorker:
     """PromptStream -> RolloutPool -> reorder buffer -> GroupSender, with the learner's announcements applied."""
 
-    def __init__(self, backend: Backend, sender, stream: PromptStream, params: SamplingParams,
-                 rollout: RolloutConfig, *, handshake_timeout_s: float | None = None):
+    def __init__(self, backend: Backend, sender, stream: PromptStream, rollout: RolloutConfig, *,
+                 handshake_timeout_s: float | None = None):
         self.backend = backend
         self.sender = sender
         self.stream = stream
-        self.params = params
         self.rollout = rollout
         self.handshake_timeout_s = handshake_timeout_s
         self.stats = None
@@ -140,9 +137,7 @@ class RolloutWorker:
         start = start_seq * self.stream.num_shards + self.stream.shard
         logger.info("%s: starting at sequence number %d (stream position %d)", self.sender.producer_id, start_seq,
                     start)
-        r = self.rollout
-        pool = RolloutPool([self.backend], self.stream.requests(start), self.params, max_in_flight=r.max_in_flight,
-                           max_staleness=r.max_staleness, retries=r.retries, timeout_s=r.timeout_s or None)
+        pool = RolloutPool.from_config([self.backend], self.stream.requests(start), self.rollout, logprobs=True)
         self.stats = pool.stats
         await self._apply(pool, update)
         watcher = asyncio.create_task(self._watch_weights(pool))

@@ -143,8 +143,8 @@ def stream_from(position: int, stop: int, endpoint: str, model, tokenizer, sampl
     try:
         rollout = RolloutConfig(n=3, temperature=1.0, max_response_tokens=8, max_in_flight=max_in_flight)
         stream = PromptStream(samples, tokenizer, shuffle_seed=None, sample_seed=seed, stop=stop)
-        worker = RolloutWorker(HFBackend(model, tokenizer, max_batch=max_batch), sender, stream,
-                               rollout.sampling_params(logprobs=True), rollout, handshake_timeout_s=30)
+        worker = RolloutWorker(HFBackend(model, tokenizer, max_batch=max_batch), sender, stream, rollout,
+                               handshake_timeout_s=30)
         assert asyncio.run(asyncio.wait_for(worker.run(), 120)) == stop - position
     finally:
         thread.join(60)

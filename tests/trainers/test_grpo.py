@@ -66,7 +66,7 @@ def toy_feed(cfg: GRPOConfig):
     backend = HFBackend.from_pretrained(cfg.model.path, dtype="float32")
     stream = PromptStream.from_config(toy_samples(), load_tokenizer(cfg.model.path), cfg.data, cfg.rollout.seed,
                                       render=toy_render)
-    return LocalFeed(backend, stream, cfg.rollout.sampling_params(logprobs=True), cfg.rollout, score=toy_score)
+    return LocalFeed(backend, stream, cfg.rollout, score=toy_score)
 
 
 def run_toy(cfg: GRPOConfig, *, resume: bool = False):
