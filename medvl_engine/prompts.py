@@ -67,7 +67,8 @@ def render_prompt(tokenizer_or_processor, sample: Sample) -> str:
         raise ValueError(
             f"sample {sample.dataset_index} of {sample.dataset_name or 'unnamed dataset'} has "
             f"{len(sample.images)} image(s) but the chat template of {type(tokenizer_or_processor).__name__} "
-            "has no image placeholder: use the model's processor, or a text-only sample"
+            "has no image placeholder: for a text-only model use --data.text-only (drop such questions) or "
+            "--data.ignore-images (keep them without their images); an image-text model needs its processor"
         )
     rendered = tokenizer_or_processor.apply_chat_template(
         build_messages(sample), tokenize=False, add_generation_prompt=True
