@@ -401,3 +401,24 @@ def test_the_export_of_a_fused_zero3_learner_reloads_with_equal_logits(tmp_path)
         logp = learner.response_logprobs(micro)
     want = torch.log_softmax(expected, -1).gather(-1, micro.targets[..., None])[..., 0] * micro.mask
     torch.testing.assert_close(logp, want, **TOL)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_a_bf16_reference_with_the_policys_weights_gives_the_same_logprobs(tmp_path, zero_stage):
+    """KL of the first mini-batch is exactly 0: the reference is cast like DeepSpeed casts the policy
+    (parameters only; the rotary `inv_freq` buffer stays float32 in both)."""
+    from medvl_engine.trainers.config import DeepSpeedConfig, ModelConfig, OptimConfig
+
+    folder = save_llama_folder(tmp_path / "llama", tied=True)
+    learner = Learner.build(ModelConfig(path=str(folder), dtype="bf16", gradient_checkpointing=False),
+                            OptimConfig(lr=1e-3), DeepSpeedConfig(zero_stage=zero_stage), train_batch_size=1,
+                            total_steps=1, reference=True)
+    policy_buffers = dict(learner.module.named_buffers())
+    reference = learner.reference.module if zero_stage == 3 else learner.reference
+    for name, buf in reference.named_buffers():
+        assert buf.dtype == policy_buffers[name].dtype, name
+    micro = llama_micro(2048).to(learner.device)
+    with torch.no_grad():
+        logp = learner.response_logprobs(micro)
+        ref = learner.response_logprobs(micro, reference=True)
+    assert torch.equal(logp, ref)
