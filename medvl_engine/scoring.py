@@ -161,13 +161,36 @@ def _scored_row(record: AnswerRecord, sample, scored: list[dict], mode: str) -> 
     }
 
 
-def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
+def _json_line(row: dict) -> str:
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (e.g. a response cut inside a UTF-16 pair) is a valid str but has no UTF-8 form:
+        # this line escapes it (`\ud800`), which reads back as the same str.
+        line = json.dumps(row)
+    return line + "\n"
+
+
+def write_atomically(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader, or a run that
+    stops midway, sees the old file or the new one, never a truncated mix."""
+    import os
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
+    return write_atomically(path, "".join(_json_line(row) for row in rows))
 
 
 def summary_line(scored: ScoredAnswers, dataset_name: str, *, modes: str | None = None) -> str:
@@ -227,8 +250,7 @@ def main(args: argparse.Namespace) -> int:
     if args.output:
         print(f"wrote {write_jsonl(args.output, scored.rows)}")
     if args.table_json:
-        path = Path(args.table_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"mode": args.mode, **scored.table.to_dict()}, indent=2) + "\n")
+        path = write_atomically(args.table_json, json.dumps({"mode": args.mode, **scored.table.to_dict()}, indent=2)
+                                + "\n")
         print(f"wrote {path}")
     return 0

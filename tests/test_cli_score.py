@@ -15,6 +15,7 @@ from medvl_engine import grading
 from medvl_engine.cli import main as cli
 from medvl_engine.data import bundled_answers_path, load_bundled
 from medvl_engine.rewards import sample_columns
+from medvl_engine.scoring import write_jsonl
 from medvl_engine.tables import accuracy_table
 
 BUNDLED_ANSWERS = [json.loads(line) for line in bundled_answers_path().read_text(encoding="utf-8").splitlines()]
@@ -115,6 +116,46 @@ def test_several_lines_for_one_question_average_per_question(tmp_path, capsys):
     assert "scored 3 responses to 2 of 37 questions of bundled (mode: eval)" in out
     # VQA-Rad: question 26 at 1/2 and question 27 at 1/1 -> 75%, not 2 of 3 lines.
     assert "| accuracy (%) |   75.00 | 75.00 |" in out
+
+
+
+def test_a_lone_surrogate_is_scored_and_written(tmp_path, capsys):
+    """A response cut inside a UTF-16 pair holds a lone surrogate: a valid str that has no UTF-8 form. It is
+    scored like any other text, and its line is written with the surrogate escaped, reading back equal."""
+    responses = ["<think> x </think>\n<answer> B </answer>", "<think> \ud800 </think>\n<answer> B\ud800 </answer>",
+                 "<think> \udfff </think>\n<answer> B </answer>"]
+    lines = [{"dataset_index": 0, "response": r} for r in responses] + [{"dataset_index": 1, "response": "A"}]
+    output = tmp_path / "scored.jsonl"
+    output.write_text("the previous scores\n")
+    assert cli(["score", _write(tmp_path / "answers.jsonl", lines), "--mode", "reward", "--output", str(output)]) == 0
+    assert "scored 4 responses" in capsys.readouterr().out
+    output.read_bytes().decode("utf-8")  # strict UTF-8: the surrogates are escaped
+    rows = _read_jsonl(output)
+    assert [r["response"] for r in rows] == [line["response"] for line in lines]
+    samples = load_bundled().by_index()
+    answers, labels, options = sample_columns([samples[r["dataset_index"]] for r in rows])
+    reference = grading.score([r["response"] for r in rows], answers, labels, options, mode="reward")
+    assert [r["correct"] for r in rows] == reference.correct.tolist()
+    assert [r["parsed"] for r in rows] == reference.parsed and rows[1]["parsed"] == "B\ud800"
+    assert [r["format_ok"] for r in rows] == [True, True, True, False]
+
+
+def test_a_failed_write_keeps_the_previous_output(tmp_path, monkeypatch):
+    output = tmp_path / "scored.jsonl"
+    output.write_text("the previous scores\n")
+    dumps = json.dumps
+
+    def fail_on_the_fourth_row(obj, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("dataset_index") == 3:
+            raise RuntimeError("disk full")
+        return dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(json, "dumps", fail_on_the_fourth_row)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_jsonl(output, [{"dataset_index": i, "response": "B"} for i in range(6)])
+    monkeypatch.undo()
+    assert output.read_text() == "the previous scores\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scored.jsonl"]  # no temporary file left behind
 
 
 @pytest.mark.parametrize(
