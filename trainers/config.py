@@ -159,6 +159,10 @@ class AlgoConfig:
                              "it needs algo.old_logp=recompute")
 
 
+# sink -> the package it needs (its extra has the same name)
+METRIC_SINKS = {"jsonl": "", "tensorboard": "tensorboard", "wandb": "wandb"}
+
+
 @dataclass
 class LoggingConfig:
     """Where the run writes and how often it reports."""
@@ -166,12 +170,35 @@ class LoggingConfig:
     run_dir: str = param("runs/latest", "run folder: config, metrics.jsonl, checkpoints, export")
     log_every: int = param(1, "print a metrics line every k steps")
     rollouts: bool = param(True, "GRPO: append every trained answer to rollouts.jsonl (off for very large runs)")
+    sinks: str = param("jsonl", "where the per-step metrics go, comma-separated: jsonl (metrics.jsonl, always "
+                       "written: resume and `report` read it), tensorboard (run_dir/tensorboard; extra "
+                       "[tensorboard]), wandb (run_dir/wandb, offline unless WANDB_API_KEY or WANDB_MODE is set; "
+                       "extra [wandb])")
+    wandb_project: str = param("medvl-engine", "W&B project")
+    wandb_name: str = param("", "W&B run name (empty: the run folder's name)")
 
     def __post_init__(self):
+        import importlib.util
+
         if not self.run_dir:
             raise ValueError("logging.run_dir: may not be empty")
         if self.log_every < 1:
             raise ValueError(f"logging.log_every: must be >= 1, got {self.log_every}")
+        unknown = [s for s in self.sink_names if s not in METRIC_SINKS]
+        if unknown:
+            raise ValueError(f"logging.sinks: unknown sink(s) {unknown} (choose from {', '.join(METRIC_SINKS)})")
+        for sink in self.sink_names:
+            # Checked here, before any model loads: a run that cannot log where it was told is an error now,
+            # not after its first step.
+            if METRIC_SINKS[sink] and importlib.util.find_spec(METRIC_SINKS[sink]) is None:
+                raise ValueError(f"logging.sinks: {sink} needs the `{METRIC_SINKS[sink]}` package, which is not "
+                                 f"installed: pip install 'medvl-engine[{sink}]'")
+
+    @property
+    def sink_names(self) -> tuple[str, ...]:
+        """The sinks, `jsonl` first and always present."""
+        names = [s.strip() for s in self.sinks.split(",") if s.strip()]
+        return ("jsonl", *dict.fromkeys(s for s in names if s != "jsonl"))
 
 
 @dataclass

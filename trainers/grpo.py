@@ -387,7 +387,7 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, feed=
     resume_step = trainer.step_index if resume else None
     rollouts = RolloutLog(run_dir, learner.rank, enabled=cfg.logging.rollouts, resume_step=resume_step)
     try:
-        with MetricsLog(run_dir, learner.rank, resume_step=resume_step) as log, rollouts:
+        with MetricsLog(run_dir, learner.rank, resume_step=resume_step, config=cfg) as log, rollouts:
             while trainer.step_index < cfg.steps:
                 row = trainer.step()
                 history.append(row)

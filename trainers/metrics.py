@@ -1,9 +1,12 @@
-"""The run's logs, written by rank 0 only: `metrics.jsonl` (one object per step) and `rollouts.jsonl`
-(one object per trained answer: what the model wrote, for which prompt, with which seed and reward)."""
+"""The run's logs, written by rank 0 only: `metrics.jsonl` (one object per step, also sent to TensorBoard
+and W&B when `--logging.sinks` names them) and `rollouts.jsonl` (one object per trained answer: what the
+model wrote, for which prompt, with which seed and reward)."""
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from pathlib import Path
 
 import msgspec
@@ -22,28 +25,100 @@ def truncate_to_step(path: Path, step: int) -> None:
         tmp.replace(path)
 
 
-class MetricsLog:
-    """`metrics.jsonl`: one JSON object per step. `resume_step` (a resumed run) keeps the log up to that step."""
+def scalars(row: dict) -> dict[str, float]:
+    """The numeric values of a metrics row, the ones TensorBoard and W&B can plot (`step` is their x axis)."""
+    return {key: float(value) for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
-    def __init__(self, run_dir: str | Path, rank: int, *, resume_step: int | None = None):
+
+class TensorBoardSink:
+    """Scalars under `run_dir/tensorboard`, one tag per metrics key. A resumed run purges the events after
+    its checkpoint step, as `truncate_to_step` does for the jsonl, so TensorBoard shows no step twice."""
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()  # a step takes seconds or more: a watching TensorBoard sees every one
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A Weights & Biases run under `run_dir/wandb`: offline (`wandb sync` uploads it later) unless the
+    user configured an account with WANDB_API_KEY or chose a mode with WANDB_MODE. The run's id is kept in
+    `run_dir/wandb-id`, so a resumed run continues the same W&B run (which keeps the steps it already had)."""
+
+    def __init__(self, run_dir: Path, config, *, resume_step: int | None = None):
+        import wandb
+
+        from medvl_engine import config as config_lib
+
+        id_file = run_dir / "wandb-id"
+        resumed = resume_step is not None and id_file.is_file()
+        run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        configured = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")
+        logging = config.logging
+        self.run = wandb.init(project=logging.wandb_project, name=logging.wandb_name or run_dir.resolve().name,
+                              dir=str(run_dir), id=run_id, resume="allow", config=config_lib.to_dict(config),
+                              mode=None if configured else "offline",
+                              settings=wandb.Settings(console="off", silent=True))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per step, and the same rows to the sinks `config.logging.sinks`
+    names (TensorBoard, W&B; `config` is the run config, GRPOConfig or SFTConfig). Only rank 0 writes.
+    `resume_step` (a resumed run) keeps the log up to that step."""
+
+    def __init__(self, run_dir: str | Path, rank: int, *, resume_step: int | None = None, config=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rank = rank
         self.file = None
+        self.sinks: list = []
         if rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
                 truncate_to_step(self.path, resume_step)
             self.file = self.path.open("a" if resume_step is not None else "w")
+            names = config.logging.sink_names if config is not None else ()
+            try:
+                if "tensorboard" in names:
+                    self.sinks.append(TensorBoardSink(self.path.parent, resume_step=resume_step))
+                if "wandb" in names:
+                    self.sinks.append(WandbSink(self.path.parent, config, resume_step=resume_step))
+            except BaseException:
+                self.close()
+                raise
 
     def write(self, row: dict) -> None:
         if self.file:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+        if self.sinks:
+            values = scalars(row)
+            for sink in self.sinks:
+                sink.write(int(row["step"]), values)
 
     def close(self) -> None:
         if self.file:
             self.file.close()
             self.file = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def __enter__(self) -> MetricsLog:
         return self

@@ -181,7 +181,7 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> lis
     if learner.rank == 0:
         config_lib.save(cfg, run_dir / "config.yaml")
     history = []
-    with MetricsLog(run_dir, learner.rank, resume_step=start if resume else None) as log:
+    with MetricsLog(run_dir, learner.rank, resume_step=start if resume else None, config=cfg) as log:
         for step in range(start, steps):
             row = trainer.train_step(step)
             history.append(row)
