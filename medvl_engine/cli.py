@@ -3,6 +3,10 @@
 Every subcommand lives in its own module with two functions, `add_arguments(parser)` and
 `main(args) -> int`; this file only maps names to modules, so `medvl-engine score` never pays for
 DeepSpeed's or SGLang's import.
+
+Errors: a user's mistake (a bad setting, a missing file, unreadable input; `medvl_engine.errors`)
+prints one line `medvl-engine COMMAND: error: ...` and exits 2, Ctrl-C prints one line and exits 130;
+only a bug shows a traceback, unless `--debug` (before the command) or MEDVL_DEBUG=1 asks for every one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import sys
 
 from medvl_engine import __version__
+from medvl_engine.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,6 +45,7 @@ def _top_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"medvl-engine {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error (or MEDVL_DEBUG=1)")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
     return parser
 
@@ -52,8 +58,42 @@ def cpu_defaults() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+# What a user fixes: config checks and loaders raise ValueError (DataError is one), missing or
+# existing files the OS errors below; UnicodeDecodeError is a ValueError (input that is not UTF-8).
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+
+def describe(exc: BaseException) -> str:
+    """The one line a user error prints: its message, with the file where the exception type leaves it out."""
+    if isinstance(exc, UnicodeDecodeError):
+        where = _open_file_name(exc)
+        byte = exc.object[exc.start:exc.start + 1].hex() if isinstance(exc.object, bytes) else "?"
+        return f"{where or 'input'}: not {exc.encoding.upper()} text (byte 0x{byte}: {exc.reason}); convert it to UTF-8"
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        # A rename's error is about its target (an output written to a temporary file, then renamed).
+        return f"{exc.filename if exc.filename2 is None else exc.filename2}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def _open_file_name(exc: BaseException) -> str | None:
+    """The text file being read when `exc` was raised: the innermost frame that holds one open."""
+    import io
+
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, io.TextIOWrapper) and isinstance(getattr(value, "name", None), str):
+                found = value.name
+        tb = tb.tb_next
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("MEDVL_DEBUG", "") not in ("", "0")
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     top = _top_parser()
     if not argv or argv[0].startswith("-"):
         top.parse_args(argv or ["--help"])
@@ -71,7 +111,20 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser = argparse.ArgumentParser(prog=f"medvl-engine {name}", description=help_, allow_abbrev=False)
     module.add_arguments(parser)
-    return int(module.main(parser.parse_args(rest)) or 0)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        # A command that kept its partial work says so in the interrupt's message.
+        print(f"medvl-engine {name}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        print(f"medvl-engine {name}: error: {describe(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ REQUIRED_FIELDS = ("question", "options", "answer_label", "answer")
 _ARROW_BATCH_ROWS = 64
 
 _BUNDLED = Path(__file__).parent / "bundled"
+# The name every command's data-source flag takes for the bundled set.
+BUNDLED_NAME = "bundled"
+# A reachable hub answers a TCP connect in well under a second; DNS failure (offline) returns at once.
+_HUB_PROBE_TIMEOUT_S = 3.0
 
 
 class SampleSet(Sequence):
@@ -78,16 +82,17 @@ def bundled_answers_path() -> Path:
 
 
 def load_bundled(*, skip_invalid: bool = False) -> SampleSet:
-    return load_samples(bundled_dataset_path(), skip_invalid=skip_invalid, name="bundled")
+    return load_samples(BUNDLED_NAME, skip_invalid=skip_invalid)
 
 
 def load_samples(source, *, split: str = "test", skip_invalid: bool = False, name: str | None = None) -> SampleSet:
     """Load `source` into a `SampleSet`.
 
-    `source` is a `.jsonl` file, a `.parquet` file, a folder written by `datasets`' `save_to_disk`, a
-    `datasets.Dataset`/`DatasetDict`, or a Hugging Face hub name (then `split` picks the split, as it
-    does for a saved `DatasetDict`). `name` labels the set in errors and reports (default: the file,
-    folder or hub name).
+    `source` is `bundled` (the bundled set), a `.jsonl` file, a `.parquet` file, a folder written by
+    `datasets`' `save_to_disk`, a `datasets.Dataset`/`DatasetDict`, or a Hugging Face hub name (then
+    `split` picks the split, as it does for a saved `DatasetDict`). `name` labels the set in errors and
+    reports (default: the file, folder or hub name). A hub name fails at once when the hub cannot be
+    reached (unless HF_HUB_OFFLINE=1 asks for the cache).
     """
     rows, base_dir, label = _open_rows(source, split)
     name = name or label
@@ -182,10 +187,14 @@ def _decode_image(value, i: int, base_dir: Path | None) -> Image.Image:
             raise DataError(f"field 'images'[{i}]: image file {str(file)!r} not found")
         data = file.read_bytes()
     # Opened from memory and decoded lazily: a dataset keeps its compressed bytes (not 8k decoded
-    # pictures, ~6 GB for MedVLThinker-Eval) and holds no open file per image.
+    # pictures, ~6 GB for MedVLThinker-Eval) and holds no open file per image. `verify()` reads the
+    # file's structure without decoding it (0.3 ms for a 512x512 PNG against 10 ms to decode), so a
+    # truncated or corrupt PNG is reported here with its row instead of failing a generate batch;
+    # what verify cannot see (a truncated JPEG) the rollout pool finds before the backend does.
     try:
+        Image.open(io.BytesIO(data)).verify()
         return Image.open(io.BytesIO(data))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for a broken PNG chunk
         raise DataError(f"field 'images'[{i}]: not a readable image ({exc})") from None
 
 
@@ -201,6 +210,8 @@ def _open_rows(source, split: str) -> tuple[Iterator[tuple[int, str, object]], P
         if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
             return _dataset_rows(_pick_split(source, split, "the given DatasetDict")), None, "dataset"
         raise TypeError(f"source: expected a path, a hub name or a datasets.Dataset, got {type(source).__name__}")
+    if source == BUNDLED_NAME:
+        return _jsonl_rows(bundled_dataset_path()), _BUNDLED, BUNDLED_NAME
     path = Path(source)
     if path.is_dir():
         import datasets
@@ -221,11 +232,33 @@ def _open_rows(source, split: str) -> tuple[Iterator[tuple[int, str, object]], P
     import datasets
 
     label = f"{source}[{split}]"
+    _check_hub_reachable(str(source), label)
     try:
         loaded = datasets.load_dataset(str(source), split=split)
     except (OSError, ValueError) as exc:  # no network, unknown name or split: datasets' own message says which
         raise DataError(f"{label}: cannot load from the Hugging Face hub ({type(exc).__name__}: {exc})") from exc
     return _dataset_rows(loaded), None, label
+
+
+def _check_hub_reachable(name: str, label: str) -> None:
+    """Fail at once when `name` can only come from the hub and the hub cannot be reached; `datasets`
+    would retry for about 40 s first. With HF_HUB_OFFLINE=1 `datasets` reads its cache without asking."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(name, "") not in ("", "0") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return
+    from huggingface_hub import constants
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise DataError(f"{label}: not a local file or folder, not `{BUNDLED_NAME}`, and the Hugging Face hub "
+                        f"({host}) cannot be reached ({exc}); give a local path, or set HF_HUB_OFFLINE=1 to read "
+                        "a dataset downloaded before") from None
 
 
 def _pick_split(loaded, split: str, where: str):
@@ -239,15 +272,21 @@ def _pick_split(loaded, split: str, where: str):
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, str, object]]:
+    # Read as bytes, decoded line by line: a line that is not UTF-8 is reported as that row.
     row_number = 0
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
             try:
-                row = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as exc:
-                row = DataError(f"not valid JSON ({exc.msg}: column {exc.colno})")
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                row = DataError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as exc:
+                    row = DataError(f"not valid JSON ({exc.msg}: column {exc.colno})")
             yield row_number, f" (line {line_number})", row
             row_number += 1
 

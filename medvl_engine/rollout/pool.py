@@ -17,7 +17,9 @@ it would start now — would be more than k versions behind the consumer's versi
 
 Failures: a backend call that raises or exceeds `timeout_s` is retried (on another backend when one
 is free) up to `retries` times; then the prompt comes out of the stream as a `FailedPrompt` with every
-attempt's reason. A prompt is scored once, after its one successful attempt.
+attempt's reason. A prompt is scored once, after its one successful attempt. A prompt whose image
+cannot be decoded never reaches a backend (where it would fail its whole batch on every retry): it
+comes out at once as a `FailedPrompt` with no attempts.
 
 Dynamic sampling: groups whose rewards are all equal carry no GRPO signal; they are dropped and
 counted (`stats.dropped_constant`) and the pool keeps pulling prompts until `limit` useful groups
@@ -323,6 +325,13 @@ class RolloutPool:
             self._load[index] -= 1
             return FailedPrompt(request, "no sample to score the answers against", attempts=0,
                                 errors=("PromptRequest.sample is None",))
+        if request.images:
+            # A broken image fails every attempt and, on a batching backend, every prompt of its batch:
+            # decode here (off the loop; PIL releases the GIL) so it fails alone, once, with its name.
+            broken = await asyncio.get_running_loop().run_in_executor(None, undecodable_image, request)
+            if broken:
+                self._load[index] -= 1
+                return FailedPrompt(request, broken, attempts=0, errors=(broken,))
         errors: list[str] = []
         failed_on: list[int] = []
         for attempt in range(1, self.retries + 2):
@@ -366,6 +375,20 @@ class RolloutPool:
             format_ok=result.format_ok, letters=list(result.letter), parsed=list(result.parsed),
             weight_version=min(c.weight_version for c in completions), attempts=attempts,
         )
+
+
+def undecodable_image(request: PromptRequest) -> str | None:
+    """Why an image of `request` cannot be decoded (naming the question and the image), or None.
+
+    Decoding keeps the pixels on the image, where the backend would have put them a moment later."""
+    sample = request.sample
+    where = f"{sample.dataset_name}[{sample.dataset_index}]" if sample is not None else request.prompt_id
+    for i, image in enumerate(request.images):
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for damaged files
+            return f"question {where}: image {i} cannot be decoded ({exc}); the question is not generated"
+    return None
 
 
 def run_to_end(coroutine):

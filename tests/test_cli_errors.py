@@ -1,0 +1,119 @@
+"""The command line's one error handler: a user's mistake is one line `error: ...` and exit 2, Ctrl-C one
+line and exit 130, a bug keeps its traceback, and `--debug` / MEDVL_DEBUG=1 show every traceback."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import medvl_engine.scoring
+from medvl_engine.cli import main as cli
+from medvl_engine.data import DataError, bundled_answers_path, load_samples
+from medvl_engine.errors import UserError
+
+ANSWERS = str(bundled_answers_path())
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(f"medvl-engine {command}: error: "), err
+    return lines[-1]
+
+
+def test_a_missing_model_is_one_line_naming_the_flag(tmp_path, capsys):
+    assert cli(["eval", "--output", str(tmp_path / "run")]) == 2
+    assert "model: is required" in _one_error_line(capsys, "eval")
+
+
+def test_a_missing_config_file_is_one_line_naming_it(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert cli(["eval", "--config", str(missing), "--model", "smollm2", "--output", str(tmp_path / "run")]) == 2
+    assert f"config file {missing} does not exist" in _one_error_line(capsys, "eval")
+
+
+def test_a_model_path_that_does_not_exist_says_so(tmp_path, capsys):
+    rc = cli(["eval", "--model", str(tmp_path / "no-model"), "--data.source", "bundled", "--output",
+              str(tmp_path / "run")])
+    assert rc == 2
+    line = _one_error_line(capsys, "eval")
+    assert f"{tmp_path / 'no-model'}" in line and "does not exist" in line
+
+
+def test_answers_that_are_not_utf8_name_the_file(tmp_path, capsys):
+    answers = tmp_path / "answers.jsonl"
+    answers.write_bytes(b'{"dataset_index": 0, "response": "caf\xe9"}\n')
+    assert cli(["score", str(answers)]) == 2
+    line = _one_error_line(capsys, "score")
+    assert str(answers) in line and "not UTF-8" in line and "0xe9" in line
+
+
+def test_a_dataset_line_that_is_not_utf8_is_reported_as_its_row(tmp_path):
+    path = tmp_path / "q.jsonl"
+    good = {"question": "Is it?", "options": {"A": "yes", "B": "no"}, "answer_label": "A", "answer": "yes"}
+    path.write_bytes(json.dumps(good).encode() + b"\n" + b'{"question": "\xff"}\n')
+    with pytest.raises(DataError, match=r"q.jsonl: row 1 \(line 2\): not UTF-8 text \(byte 0xff"):
+        load_samples(path)
+    assert len(load_samples(path, skip_invalid=True)) == 1
+
+
+def test_negative_threads_is_one_line_naming_key_and_value(capsys):
+    assert cli(["score", ANSWERS, "--threads", "-1"]) == 2
+    assert "threads: must be >= 0, got -1" in _one_error_line(capsys, "score")
+
+
+def test_an_output_that_is_a_folder_is_one_line_naming_it(tmp_path, capsys):
+    assert cli(["score", ANSWERS, "--output", str(tmp_path)]) == 2
+    assert str(tmp_path) in _one_error_line(capsys, "score")
+
+
+def test_bundled_is_a_data_source_name_for_every_loader():
+    assert load_samples("bundled").name == "bundled"
+    assert len(load_samples("bundled")) == 37
+
+
+def test_a_hub_name_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    start = time.monotonic()
+    assert cli(["score", ANSWERS, "--dataset", "someone/no-such-set"]) == 2
+    assert time.monotonic() - start < 10
+    line = _one_error_line(capsys, "score")
+    assert "someone/no-such-set[test]" in line and "cannot be reached" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medvl_engine.scoring, "main", interrupted)
+    assert cli(["score", ANSWERS]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "medvl-engine score: interrupted"
+
+
+def test_a_user_error_is_one_line_and_debug_shows_its_traceback(monkeypatch, capsys):
+    def fails(args):
+        raise UserError("the lock /tmp/x is stale")
+
+    monkeypatch.setattr(medvl_engine.scoring, "main", fails)
+    assert cli(["score", ANSWERS]) == 2
+    assert _one_error_line(capsys, "score") == "medvl-engine score: error: the lock /tmp/x is stale"
+    with pytest.raises(UserError):
+        cli(["--debug", "score", ANSWERS])
+    monkeypatch.setenv("MEDVL_DEBUG", "1")
+    with pytest.raises(UserError):
+        cli(["score", ANSWERS])
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def bug(args):
+        raise AttributeError("'NoneType' object has no attribute 'x'")
+
+    monkeypatch.setattr(medvl_engine.scoring, "main", bug)
+    with pytest.raises(AttributeError):
+        cli(["score", ANSWERS])
