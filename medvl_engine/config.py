@@ -3,8 +3,9 @@
 A run config is a dataclass whose fields are component dataclasses (`model`, `optim`, ...), each
 checked in its own `__post_init__`. `add_arguments(parser, RunConfig)` derives one flag per leaf field
 (`--optim.lr 1e-6`, `--grpo.clip-high 0.28`, `--model.gradient-checkpointing/--no-...`) plus
-`--config FILE`; `from_args(RunConfig, args)` builds the config from the file (if any) with the given
-flags on top. No parallel argparse: adding a field adds its flag.
+`--config FILE` and `--dry-run`; `from_args(RunConfig, args)` builds the config from the file (if any) with
+the given flags on top. No parallel argparse: adding a field adds its flag. With `--dry-run`, `from_args`
+prints the resolved, checked config as YAML and exits 0 before the command starts anything.
 
     cfg = load(RunConfig, "run.yaml", overrides={"optim": {"lr": 2e-6}})
     save(cfg, "run_dir/config.yaml")
@@ -61,12 +62,15 @@ def _dest(prefix: str, name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, config_flag: bool = True) -> None:
-    """Add `--config FILE` and one flag per leaf field of the (nested) dataclass `cls`.
+    """Add `--config FILE`, `--dry-run` and one flag per leaf field of the (nested) dataclass `cls`.
 
     Flags default to "not given", so only what the user typed overrides the file and the defaults.
     """
     if config_flag:
         parser.add_argument("--config", default=None, help="YAML or TOML file with the run config")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="load and check the config, print it resolved as YAML and exit (starts no model, "
+                                 "writes nothing)")
     _add_fields(parser, cls, "", None)
 
 
@@ -135,7 +139,20 @@ def _optional_parser(tp: type):
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Build `cls` from `--config FILE` (if given) with the command-line flags on top."""
+    """Build `cls` from `--config FILE` (if given) with the command-line flags on top.
+
+    With `--dry-run` the checked config is printed as YAML and `SystemExit(0)` raised, as argparse does
+    for `--help`: every command calls this first, so a dry run never reaches a model, DeepSpeed or the
+    run folder.
+    """
+    cfg = _from_args(cls, args)
+    if getattr(args, "dry_run", False):
+        print(dump(cfg), end="", flush=True)
+        raise SystemExit(0)
+    return cfg
+
+
+def _from_args(cls: type[T], args: argparse.Namespace) -> T:
     known = {f.name for f in dataclasses.fields(cls)}
     overrides: dict[str, Any] = {}
     for key, value in vars(args).items():
@@ -271,15 +288,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+def dump(cfg: Any) -> str:
+    """The config as YAML text, fields in declaration order; `build(type(cfg), yaml.safe_load(text))` is equal."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save(cfg: Any, path: str | Path) -> Path:
     """Write the config as YAML (or JSON for a .json path); `load(type(cfg), path)` reads it back equal."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = to_dict(cfg)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     else:
-        import yaml
-
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        path.write_text(dump(cfg))
     return path

@@ -82,6 +82,39 @@ def test_help_shows_the_defaults_the_run_uses(command, capsys):
     assert f"(default: {value!r})" in text
 
 
+def _options(command: str) -> set[str]:
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def test_every_command_that_takes_a_config_has_a_dry_run():
+    with_config = {command for command in COMMAND_CONFIGS if "--config" in _options(command)}
+    assert with_config == {"grpo", "sft", "eval", "passrate", "curate", "rollout-worker", "build-data"}
+    for command in COMMAND_CONFIGS:
+        assert ("--dry-run" in _options(command)) == (command in with_config), command
+
+
+@pytest.mark.parametrize("command", ["grpo", "sft", "eval", "passrate", "curate", "rollout-worker", "build-data"])
+def test_dry_run_prints_the_resolved_config_and_starts_nothing(command, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    spec, required = COMMAND_CONFIGS[command]
+    config_file = tmp_path / "given.yaml"
+    config_file.write_text(yaml.safe_dump(required))
+    run_folder = tmp_path / "cwd"
+    run_folder.mkdir()
+    monkeypatch.chdir(run_folder)
+    # A positional field (build-data's STAGE) is given on the command line, as argparse requires.
+    positional = [str(required[f.name]) for f in dataclasses.fields(config_class(spec)) if f.metadata.get("positional")]
+    with pytest.raises(SystemExit) as stop:
+        cli([command, *positional, "--config", str(config_file), "--dry-run"])
+    assert stop.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == config_lib.to_dict(config_lib.build(config_class(spec), required))
+    assert not list(run_folder.iterdir())  # no run folder, no output folder, no checkpoint
+
+
 def test_sft_help_shows_sfts_optimizer_not_the_generic_one():
     parser = argparse.ArgumentParser()
     importlib.import_module("medvl_engine.trainers.sft").add_arguments(parser)
