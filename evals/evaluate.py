@@ -31,8 +31,10 @@ from medvl_engine.evals.runner import RunStats
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
 from medvl_engine.rollout.pool import run_to_end
 
-VOLATILE = ("rollout.device", "rollout.max_batch", "rollout.max_in_flight", "rollout.threads", "run.output",
-            "run.overwrite", "run.repeats")
+# Settings that may differ between attempts of one run. Not `rollout.max_batch` with the hf backend: its
+# batches are padded together, so greedy answers depend on which questions share a generate call.
+VOLATILE = ("rollout.device", "rollout.max_in_flight", "rollout.threads", "run.output", "run.overwrite",
+            "run.repeats")
 
 
 def eval_data() -> DataConfig:
@@ -61,6 +63,22 @@ def check_generation_config(cfg) -> None:
                          "(use data.max_samples or data.subset to select questions)")
 
 
+def volatile_settings(cfg, volatile: tuple[str, ...]) -> tuple[str, ...]:
+    """`volatile`, plus `rollout.max_batch` for the backends that do not read it (all but hf)."""
+    return volatile if cfg.rollout.backend == "hf" else (*volatile, "rollout.max_batch")
+
+
+def open_checked_run(cfg, command: str, volatile: tuple[str, ...], *, check_model: bool = True) -> dict:
+    """The run folder of an eval or pass-rate run, opened once its inputs are known good: the model resolves
+    (unless backends were given) and the data has loaded. Only then may `--overwrite` remove an earlier run."""
+    from medvl_engine.evals.manifest import open_run
+    from medvl_engine.models import resolve_model_path
+
+    model = resolve_model_path(cfg.model) if check_model else None
+    return open_run(cfg.output, command, sections(cfg), volatile=volatile_settings(cfg, volatile),
+                    overwrite=cfg.overwrite, inputs=(cfg.model, model, cfg.data.source))
+
+
 @dataclass
 class EvalConfig:
     """An evaluation run: a model, the questions, how they are answered (MedVLThinker's defaults), repeats."""
@@ -68,7 +86,8 @@ class EvalConfig:
     model: str = param("", "model folder (Hugging Face layout) or `smollm2` for the embedded default")
     output: str = param("", "run folder (created, or resumed when it holds this run)")
     repeats: int = param(1, "independent repeats (MedVLThinker's tables: 3)")
-    overwrite: bool = param(False, "delete the run folder first instead of resuming it")
+    overwrite: bool = param(False, "replace an earlier eval run in the output folder instead of resuming it (only a "
+                            "folder medvl-engine wrote; never one holding the model or data)")
     data: DataConfig = field(default_factory=eval_data)
     rollout: RolloutConfig = field(default_factory=eval_rollout)
 
@@ -101,14 +120,13 @@ def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[Run
     `backends` and `renderer` (the tokenizer or processor that renders prompts) may be given instead of
     being built from `cfg.model`; backends built here are shut down at the end.
     """
-    from medvl_engine.evals.manifest import open_run
     from medvl_engine.evals.report import write_run_report
     from medvl_engine.evals.runner import build_backends, shutdown
     from medvl_engine.rollout.stream import load_data
 
     questions = load_data(cfg.data)
-    open_run(cfg.output, "eval", sections(cfg), volatile=VOLATILE, overwrite=cfg.overwrite)
     owned = backends is None
+    open_checked_run(cfg, "eval", VOLATILE, check_model=owned)
     if owned:
         backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
 

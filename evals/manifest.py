@@ -5,12 +5,17 @@ date). The settings that change the answers (model, data selection, decoding, pa
 identity: resuming a folder with a different identity is refused, so one results file never mixes
 two configurations. Settings that only change speed (device, batch size) may differ between attempts;
 each attempt is appended to `attempts`.
+
+`--overwrite` never loses a user's data: it removes only a folder this engine wrote (its manifest is
+there and names the same command), only once the inputs have been checked, and never a folder that
+is, holds or lies inside one of the run's inputs.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
@@ -38,6 +43,16 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return lines
 
 
+def _recorded_identity(manifest: dict, volatile: tuple[str, ...]) -> dict:
+    """The folder's identity. A setting it leaves out (one that counted as volatile when the folder was
+    written, as hf's `rollout.max_batch` once did) is taken from the settings of its last attempt."""
+    attempts = manifest.get("attempts") or [{}]
+    out = _identity(attempts[-1].get("settings", {}), volatile)
+    for key, value in manifest.get("identity", {}).items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
@@ -45,17 +60,60 @@ def read_manifest(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_not_input(output: str | Path, inputs: Iterable[str | Path | None], *, flag: str = "--output") -> None:
+    """Refuse an output folder that is one of `inputs`, lies inside one or holds one (writing there, or
+    replacing it, would destroy the input). Inputs that are not paths here (a hub name, `bundled`) are skipped."""
+    out = Path(output).resolve()
+    for given in inputs:
+        if not given or not Path(given).exists():
+            continue
+        path = Path(given).resolve()
+        if out == path:
+            how = "is"
+        elif path in out.parents:
+            how = "lies inside"
+        elif out in path.parents:
+            how = "holds"
+        else:
+            continue
+        raise ValueError(f"{flag} {output} {how} the input {given}; choose an output folder apart from the inputs")
+
+
+def clear_for_overwrite(folder: str | Path, *, command: str, marker: str = MANIFEST_NAME) -> None:
+    """`--overwrite`: remove `folder` when medvl-engine wrote it (its `marker` file is there; a manifest must
+    also name `command`). An absent or empty folder is left as it is; any other folder is refused untouched."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"--overwrite: {folder} is a file, not a run folder; choose another output")
+    if not any(folder.iterdir()):
+        return
+    if not (folder / marker).is_file():
+        raise FileExistsError(f"--overwrite: {folder} has no {marker}, so medvl-engine did not write it; "
+                              "remove it yourself or choose another output")
+    if marker == MANIFEST_NAME:
+        written_by = read_manifest(folder).get("command")
+        if written_by != command:
+            raise FileExistsError(f"--overwrite: {folder} holds a {written_by!r} run, not {command!r}; "
+                                  "remove it yourself or choose another output")
+    shutil.rmtree(folder)
+
+
 def open_run(folder: str | Path, command: str, settings: dict, *, volatile: tuple[str, ...] = (),
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> dict:
     """Create or resume the run folder and write its manifest; returns the manifest.
 
-    `volatile` names settings (`key` or `section.key`) left out of the identity check.
+    `volatile` names settings (`key` or `section.key`) left out of the identity check. `inputs` are the
+    paths the run reads (model, data): the folder may not be, hold or lie inside one. Call this once the
+    inputs have been checked (loaded or resolved): `overwrite` removes an earlier run of `command` first.
     """
     from medvl_engine.benchmarking import environment
 
     folder = Path(folder)
-    if overwrite and folder.exists():
-        shutil.rmtree(folder)
+    check_not_input(folder, inputs)
+    if overwrite:
+        clear_for_overwrite(folder, command=command)
     folder.mkdir(parents=True, exist_ok=True)
     identity = _identity(settings, volatile)
     attempt = {**environment(), "settings": settings}
@@ -64,10 +122,11 @@ def open_run(folder: str | Path, command: str, settings: dict, *, volatile: tupl
         manifest = json.loads(path.read_text())
         if manifest.get("command") != command:
             raise ValueError(f"{folder} holds a {manifest.get('command')!r} run, not {command!r}; use another folder")
-        changed = _diff(manifest.get("identity", {}), identity)
+        changed = _diff(_recorded_identity(manifest, volatile), identity)
         if changed:
             raise ValueError(f"{folder} holds a run with other settings; resuming it would mix results "
                              f"({'; '.join(changed)}). Use another folder or --overwrite.")
+        manifest["identity"] = identity
         manifest["attempts"].append(attempt)
     elif any(p.name != MANIFEST_NAME for p in folder.iterdir()):
         raise FileExistsError(f"{folder} is not empty and has no {MANIFEST_NAME}; use another folder or --overwrite")

@@ -29,14 +29,14 @@ import numpy as np
 
 from medvl_engine import config as config_lib
 from medvl_engine.config import param
-from medvl_engine.evals.evaluate import check_generation_config, sections
+from medvl_engine.evals.evaluate import check_generation_config, open_checked_run
 from medvl_engine.evals.runner import RunStats
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
 from medvl_engine.rollout.pool import run_to_end
 
 RESULTS_NAME = "results.jsonl"
-VOLATILE = ("rollout.device", "rollout.max_batch", "rollout.max_in_flight", "rollout.threads", "run.output",
-            "run.overwrite")
+# As eval's: `rollout.max_batch` is part of an hf run's identity (seeded samples depend on batch padding too).
+VOLATILE = ("rollout.device", "rollout.max_in_flight", "rollout.threads", "run.output", "run.overwrite")
 
 
 def passrate_data() -> DataConfig:
@@ -53,7 +53,8 @@ class PassrateConfig:
 
     model: str = param("", "model folder (Hugging Face layout) or `smollm2` for the embedded default")
     output: str = param("", "run folder (created, or resumed when it holds this run)")
-    overwrite: bool = param(False, "delete the run folder first instead of resuming it")
+    overwrite: bool = param(False, "replace an earlier passrate run in the output folder instead of resuming it "
+                            "(only a folder medvl-engine wrote; never one holding the model or data)")
     data: DataConfig = field(default_factory=passrate_data)
     rollout: RolloutConfig = field(default_factory=passrate_rollout)
 
@@ -131,14 +132,13 @@ def write_histogram(folder: str | Path, title: str = "") -> tuple[np.ndarray, st
 
 def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunStats, str]:
     """Run (or resume) the pass-rate estimate and write its histogram; returns the stats and the text table."""
-    from medvl_engine.evals.manifest import open_run
     from medvl_engine.evals.results import ResultsFile
     from medvl_engine.evals.runner import build_backends, generate_into, shutdown
     from medvl_engine.rollout.stream import load_data
 
     questions = load_data(cfg.data)
-    open_run(cfg.output, "passrate", sections(cfg), volatile=VOLATILE, overwrite=cfg.overwrite)
     owned = backends is None
+    open_checked_run(cfg, "passrate", VOLATILE, check_model=owned)
     if owned:
         backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
 

@@ -81,7 +81,7 @@ def test_eval_command_end_to_end(tiny_llama_dir, tmp_path, capsys):
         assert report["modes"][mode]["accuracy"]["std"]["Avg."] == 0.0
 
 
-def test_resume_after_a_kill_gives_the_same_file(tiny_llama_dir, tmp_path):
+def test_resume_after_a_kill_gives_the_same_file(tiny_llama_dir, tmp_path, capsys):
     args = ["--rollout.max-response-tokens", "24", "--rollout.max-batch", "1"]
     killed = tmp_path / "killed"
     results = killed / "v0" / "results.jsonl"
@@ -114,9 +114,15 @@ def test_resume_after_a_kill_gives_the_same_file(tiny_llama_dir, tmp_path):
         assert all(by_index[r["dataset_index"]] == r for r in partial)
     assert len(json.loads((killed / "manifest.json").read_text())["attempts"]) == 2
 
-    # Resuming with other settings would mix two configurations in one file: refused.
-    with pytest.raises(ValueError, match=r"rollout.max_response_tokens: 24 in the folder, 12 now"):
-        cli(_eval_args(tiny_llama_dir, killed, "--rollout.max-response-tokens", "12"))
+    # Resuming with other settings would mix two configurations in one file: refused, naming each change.
+    capsys.readouterr()
+    assert cli(_eval_args(tiny_llama_dir, killed, "--rollout.max-batch", "1", "--rollout.max-response-tokens",
+                          "12")) == 2
+    assert "rollout.max_response_tokens: 24 in the folder, 12 now" in capsys.readouterr().err
+    # hf greedy answers depend on the batch they were padded in: another --rollout.max-batch is refused too.
+    assert cli(_eval_args(tiny_llama_dir, killed, "--rollout.max-batch", "4", "--rollout.max-response-tokens",
+                          "24")) == 2
+    assert "rollout.max_batch: 1 in the folder, 4 now" in capsys.readouterr().err
 
 
 def test_eval_with_images_on_a_tiny_qwen2_5_vl(tmp_path):
