@@ -14,7 +14,10 @@ shuffled), and writes
     OUTPUT/data.parquet   the same rows as one parquet file
     OUTPUT/curation.json  the counts and settings
 
-in the unified schema plus a `pass_count` column. Images keep their original encoded bytes.
+in the unified schema plus a `pass_count` column. Images keep their original encoded bytes. A band that
+keeps no row writes an empty dataset. The folder is written beside OUTPUT and renamed into place, so a
+failed run leaves nothing half-written; `--overwrite` replaces only an earlier curation (its
+curation.json is there), never a folder holding the source or the pass counts.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +39,7 @@ from medvl_engine.config import param
 
 ORDERS = ("easy_to_hard", "hard_to_easy", "shuffled")
 RESULTS_NAME = "results.jsonl"
+SUMMARY_NAME = "curation.json"
 
 
 @dataclass
@@ -48,7 +54,7 @@ class CurateConfig:
     max_pass: int = param(7, "keep rows with pass count <= this (MedVLThinker: 7 of 16)")
     order: Literal["easy_to_hard", "hard_to_easy", "shuffled"] = param("easy_to_hard", "row order of the output")
     seed: int = param(42, "seed of the tie shuffle (MedVLThinker: 42)")
-    overwrite: bool = param(False, "replace an existing output folder")
+    overwrite: bool = param(False, "replace an earlier curation in the output folder (only one curate wrote)")
 
     def __post_init__(self):
         for name in ("source", "pass_counts", "output"):
@@ -221,6 +227,12 @@ def save_samples(samples: Sequence, pass_counts: Sequence[int], output: str | Pa
             stop = start + batch_rows
             rows = [_row(s, c) for s, c in zip(samples[start:stop], pass_counts[start:stop])]
             writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+    if not samples:
+        # `datasets` reads no split from a parquet without rows, and saves zero rows as zero shards that
+        # load_from_disk then fails on: one empty shard, built from the features.
+        empty = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+        empty.save_to_disk(str(output / "dataset"), num_shards=1)
+        return output
     cache = output / ".cache"
     try:
         dataset = datasets.Dataset.from_parquet(str(parquet_path), features=features, cache_dir=str(cache))
@@ -234,24 +246,55 @@ def save_samples(samples: Sequence, pass_counts: Sequence[int], output: str | Pa
 # --- command -----------------------------------------------------------------------------------------
 
 
+def _check_output(cfg: CurateConfig) -> None:
+    """Refuse, before any work, an output folder that holds an input or that --overwrite may not replace."""
+    from medvl_engine.evals.manifest import check_not_input
+
+    output = Path(cfg.output)
+    check_not_input(output, [cfg.source, cfg.pass_counts])
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"curate: --output {output} is a file; choose a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(f"output folder {output} is not empty (pass --overwrite to replace it)")
+        if not (output / SUMMARY_NAME).is_file():
+            raise FileExistsError(f"--overwrite: {output} has no {SUMMARY_NAME}, so curate did not write it; "
+                                  "remove it yourself or choose another --output")
+
+
+def _move_into_place(written: Path, output: Path) -> None:
+    """Rename the finished folder to `output`; an earlier one there is renamed aside first, then removed."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    written.rename(output)
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def curate(cfg: CurateConfig) -> Curation:
     """Load, join, select, order and save; returns the counts (also written to curation.json)."""
     from medvl_engine.data import load_bundled, load_samples
 
-    output = Path(cfg.output)
-    if output.exists() and any(output.iterdir()):
-        if not cfg.overwrite:
-            raise FileExistsError(f"output folder {output} is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(output)
+    _check_output(cfg)
     samples = load_bundled() if cfg.source == "bundled" else load_samples(cfg.source, split=cfg.split)
     counts, num_rollouts = read_pass_counts(cfg.pass_counts)
     if cfg.max_pass > num_rollouts:
         raise ValueError(f"curate: max_pass {cfg.max_pass} exceeds the {num_rollouts} samples per question")
     result = select([s.dataset_index for s in samples], counts, min_pass=cfg.min_pass, max_pass=cfg.max_pass,
                     order=cfg.order, seed=cfg.seed, num_rollouts=num_rollouts)
-    save_samples([samples[r] for r in result.rows], result.pass_counts, output)
-    summary = {**result.summary(), "config": asdict(cfg)}
-    (output / "curation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        save_samples([samples[r] for r in result.rows], result.pass_counts, partial)
+        summary = {**result.summary(), "config": asdict(cfg)}
+        (partial / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        _move_into_place(partial, output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return result
 
 
@@ -281,5 +324,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = config.from_args(CurateConfig, args)
     result = curate(cfg)
     print(format_summary(result, cfg))
+    if not result.kept:
+        print(f"warning: no row has a pass count in {cfg.min_pass}..{cfg.max_pass}: the dataset written is empty",
+              file=sys.stderr)
     print(f"wrote {cfg.output}/dataset (save_to_disk) and {cfg.output}/data.parquet")
     return 0

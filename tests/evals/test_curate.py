@@ -11,7 +11,7 @@ from results_helpers import record, write_results
 
 from medvl_engine.cli import main as cli
 from medvl_engine.data import bundled_dataset_path, load_bundled, load_samples
-from medvl_engine.evals.curate import read_pass_counts, select
+from medvl_engine.evals.curate import CurateConfig, curate, read_pass_counts, select
 
 # Hand-made pass counts (of 16) for the bundled questions 0..36: index -> count. Indices 30..36 get no
 # count (not evaluated), 100 and 101 are not in the dataset.
@@ -115,8 +115,70 @@ def test_curate_command_writes_a_dataset_training_reads(tmp_path, bundled, pass_
             checked += 1
     assert checked >= 10
 
-    with pytest.raises(FileExistsError, match="not empty"):
-        cli(["curate", "--source", "bundled", "--pass-counts", str(pass_file), "--output", str(out)])
-    with pytest.raises(ValueError, match="max_pass 20 exceeds the 16 samples"):
-        cli(["curate", "--source", "bundled", "--pass-counts", str(pass_file), "--output", str(tmp_path / "x"),
-             "--max-pass", "20"])
+    assert cli(["curate", "--source", "bundled", "--pass-counts", str(pass_file), "--output", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert cli(["curate", "--source", "bundled", "--pass-counts", str(pass_file), "--output", str(tmp_path / "x"),
+                "--max-pass", "20"]) == 2
+    assert "max_pass 20 exceeds the 16 samples" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_band_that_keeps_no_row_writes_an_empty_dataset(tmp_path, bundled):
+    import datasets
+
+    rows = [record(s, ["a"] * 16) for s in bundled]  # no sample solves any question: every count is 0
+    write_results(tmp_path / "passrate" / "results.jsonl", rows)
+    out = tmp_path / "curated"
+    result = curate(CurateConfig(source="bundled", pass_counts=str(tmp_path / "passrate"), output=str(out)))
+    assert (result.kept, result.dropped_below) == (0, 37)
+    assert json.loads((out / "curation.json").read_text())["kept"] == 0
+    saved = datasets.load_from_disk(str(out / "dataset"))
+    assert len(saved) == 0 and "pass_count" in saved.column_names
+    assert len(load_samples(out / "data.parquet", split="train")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curated", "passrate"]  # nothing left beside it
+
+
+def test_a_failed_write_leaves_the_earlier_curation_whole(tmp_path, bundled, pass_file, monkeypatch):
+    import datasets
+
+    out = tmp_path / "curated"
+    cfg = CurateConfig(source="bundled", pass_counts=str(pass_file.parent), output=str(out))
+    curate(cfg)
+    before = _tree(out)
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        curate(CurateConfig(source="bundled", pass_counts=str(pass_file.parent), output=str(out), overwrite=True,
+                            max_pass=3))
+    assert _tree(out) == before
+    with pytest.raises(OSError, match="No space left"):
+        curate(CurateConfig(source="bundled", pass_counts=str(pass_file.parent), output=str(tmp_path / "new")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curated", "passrate"]
+    monkeypatch.undo()
+
+    result = curate(CurateConfig(source="bundled", pass_counts=str(pass_file.parent), output=str(out), overwrite=True,
+                                 max_pass=3))
+    assert json.loads((out / "curation.json").read_text())["kept"] == result.kept == 14
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curated", "passrate"]
+
+
+def test_overwrite_never_removes_an_input_or_a_folder_curate_did_not_write(tmp_path, bundled, pass_file):
+    counts = _tree(pass_file.parent)
+    for output in (pass_file.parent, tmp_path):  # the pass-counts folder, and a folder holding it
+        with pytest.raises(ValueError, match=r"--output .* (is|holds) the input"):
+            curate(CurateConfig(source="bundled", pass_counts=str(pass_file.parent), output=str(output),
+                                overwrite=True))
+        assert _tree(pass_file.parent) == counts
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a week of notes")
+    with pytest.raises(FileExistsError, match=r"no curation.json, so curate did not write it"):
+        curate(CurateConfig(source="bundled", pass_counts=str(pass_file.parent), output=str(mine), overwrite=True))
+    assert (mine / "notes.txt").read_text() == "a week of notes"
