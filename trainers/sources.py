@@ -17,6 +17,10 @@ drops a group: a RolloutError (counted, with its reason), a group more than `max
 behind, and with dynamic sampling a group whose rewards are all equal (`is_constant`); each drop opens
 one more position. Its state (the next position and each producer's sequence number) goes into the
 checkpoint, so a resumed run continues the stream exactly where it stood.
+
+A step draws at most `max_draw_factor` times the groups it needs: when every group is dropped (a
+model whose answers to every question score the same, every prompt failing) the run stops with a
+`UserError` that counts what was dropped and why, instead of drawing forever without a word.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from medvl_engine.errors import UserError
 from medvl_engine.rollout.pool import FailedPrompt, RolloutPool, failed_message, is_constant, to_message
 from medvl_engine.transport.messages import RolloutError, RolloutGroup, WeightVersion
 
@@ -39,16 +44,21 @@ class SourceStats:
     error_reasons: list[str] = field(default_factory=list)
 
 
-def _share(groups: list | None) -> list:
-    """Rank 0's groups on every rank (one broadcast of the encoded messages)."""
+def _share(groups: list | None, error: str | None = None) -> list:
+    """Rank 0's groups on every rank (one broadcast of the encoded messages), or rank 0's `error` raised on
+    every rank (the others would otherwise wait for groups that never come)."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise UserError(error)
         return groups
     from medvl_engine.transport.messages import decode, encode
 
-    payload = [[encode(g) for g in groups] if groups is not None else None]
+    payload = [error if error is not None else [encode(g) for g in groups] if groups is not None else None]
     dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise UserError(payload[0])
     return [decode(b) for b in payload[0]]
 
 
@@ -154,8 +164,11 @@ class OrderedSource:
     """Groups in stream-position order from a feed (only rank 0 holds one); see the module docstring."""
 
     def __init__(self, feed, *, rank: int, prompts_per_step: int, max_staleness: int, dynamic_sampling: bool,
-                 state: dict | None = None, timeout: float = 600.0):
+                 state: dict | None = None, timeout: float = 600.0, max_draw_factor: int = 8):
+        if max_draw_factor < 1:
+            raise ValueError(f"OrderedSource: max_draw_factor must be >= 1, got {max_draw_factor}")
         self.feed = feed
+        self.max_draw_factor = max_draw_factor
         self.rank = rank
         self.prompts_per_step = prompts_per_step
         self.max_staleness = max_staleness
@@ -176,7 +189,12 @@ class OrderedSource:
         groups = None
         if self.rank == 0:
             groups = []
+            before = (self.stats.constant, self.stats.stale, self.stats.errors)
+            drawn, limit = 0, self.max_draw_factor * count
             while len(groups) < count:
+                if drawn >= limit:
+                    return _share(None, self._draw_limit_message(count, len(groups), drawn, before))
+                drawn += 1
                 self._open(version, count - len(groups))
                 msg = self._take(self.position)
                 self.position += 1
@@ -194,6 +212,20 @@ class OrderedSource:
                     continue
                 groups.append(msg)
         return _share(groups)
+
+    def _draw_limit_message(self, count: int, kept: int, drawn: int, before: tuple[int, int, int]) -> str:
+        constant, stale, errors = (now - then for now, then in
+                                   zip((self.stats.constant, self.stats.stale, self.stats.errors), before))
+        reasons = [f"{constant} had answers that all scored the same (dynamic sampling)" if constant else "",
+                   f"{stale} came from weights too old (rollout.max_staleness)" if stale else "",
+                   f"{errors} failed (last: {self.stats.error_reasons[-1]})" if errors else ""]
+        why = "; ".join(r for r in reasons if r)
+        hint = (" The model answers every question alike (all right or all wrong): give it harder or easier "
+                "questions, more answers per question (rollout.n), or turn rollout.dynamic_sampling off."
+                if constant >= max(stale, errors) else "")
+        return (f"stopped: a step needs {count} groups and drew {drawn} prompts (algo.max_draw_factor "
+                f"{self.max_draw_factor} x {count}), stream positions {self.position - drawn}..{self.position - 1}, "
+                f"but kept {kept}: {why}.{hint}")
 
     @property
     def window(self) -> int:
