@@ -55,15 +55,51 @@ class CurateConfig:
     order: Literal["easy_to_hard", "hard_to_easy", "shuffled"] = param("easy_to_hard", "row order of the output")
     seed: int = param(42, "seed of the tie shuffle (MedVLThinker: 42)")
     overwrite: bool = param(False, "replace an earlier curation in the output folder (only one curate wrote)")
+    band_of: int = param(16, "samples per question the band min_pass..max_pass is for; the pass counts must "
+                         "come from this many (MedVLThinker's 1..7 is of 16)")
 
     def __post_init__(self):
         for name in ("source", "pass_counts", "output"):
             if not getattr(self, name):
                 raise ValueError(f"curate: --{name.replace('_', '-')} is required")
+        if self.band_of < 1:
+            raise ValueError(f"curate: band_of must be >= 1, got {self.band_of}")
         if not 0 <= self.min_pass <= self.max_pass:
             raise ValueError(f"curate: need 0 <= min_pass <= max_pass, got {self.min_pass}..{self.max_pass}")
+        if self.max_pass > self.band_of:
+            raise ValueError(f"curate: max_pass {self.max_pass} exceeds the {self.band_of} samples per question "
+                             "the band is for (--band-of)")
         if self.order not in ORDERS:
             raise ValueError(f"curate: order {self.order!r} is not one of {ORDERS}")
+
+
+def check_pass_count_run(cfg: CurateConfig, num_rollouts: int) -> None:
+    """Refuse pass counts that do not fit `cfg`: out of another sample count than the band is for, or from a
+    pass-rate run over another dataset than `cfg.source` (its manifest says which; rows join by index)."""
+    if num_rollouts != cfg.band_of:
+        raise ValueError(f"curate: the pass counts in {cfg.pass_counts} are out of {num_rollouts} samples but the "
+                         f"band {cfg.min_pass}..{cfg.max_pass} is for --band-of {cfg.band_of}; give --band-of "
+                         f"{num_rollouts} with --min-pass and --max-pass for that many")
+    from medvl_engine.evals.manifest import MANIFEST_NAME
+
+    folder = Path(cfg.pass_counts)
+    folder = folder if folder.is_dir() else folder.parent
+    if not (folder / MANIFEST_NAME).is_file():
+        return  # a bare results file: nothing records its dataset
+    data = json.loads((folder / MANIFEST_NAME).read_text()).get("identity", {}).get("data", {})
+    recorded = (_same_source(data.get("source")), data.get("split"))
+    if data and recorded != (_same_source(cfg.source), cfg.split):
+        raise ValueError(f"curate: the pass counts in {folder} were measured on {data.get('source')} (split "
+                         f"{data.get('split')}), not on --source {cfg.source} (split {cfg.split}); rows are joined "
+                         "by dataset_index, so they would be matched to other questions")
+
+
+def _same_source(source) -> str | None:
+    """A data source in one spelling: a local path made absolute, a hub or bundled name as given."""
+    if not isinstance(source, str):
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() and source != "bundled" else source
 
 
 @dataclass(frozen=True)
@@ -280,6 +316,7 @@ def curate(cfg: CurateConfig) -> Curation:
     _check_output(cfg)
     samples = load_bundled() if cfg.source == "bundled" else load_samples(cfg.source, split=cfg.split)
     counts, num_rollouts = read_pass_counts(cfg.pass_counts)
+    check_pass_count_run(cfg, num_rollouts)
     if cfg.max_pass > num_rollouts:
         raise ValueError(f"curate: max_pass {cfg.max_pass} exceeds the {num_rollouts} samples per question")
     result = select([s.dataset_index for s in samples], counts, min_pass=cfg.min_pass, max_pass=cfg.max_pass,

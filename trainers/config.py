@@ -10,6 +10,7 @@ log-probs. `deepspeed_config(...)` turns the components into DeepSpeed's JSON co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +18,26 @@ from medvl_engine.config import param
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
 
 Dtype = Literal["bf16", "fp16", "fp32"]
+
+
+def check_finite(section: str, obj, *names: str) -> None:
+    """Refuse inf and nan (YAML's `.inf`, `.nan`) in the float fields `names`, naming key and value."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{_key(section, name)}: must be a finite number, got {value}")
+
+
+def check_at_least(section: str, obj, bound: float, *names: str) -> None:
+    """Refuse a field of `names` below `bound`, naming key and value."""
+    for name in names:
+        value = getattr(obj, name)
+        if not value >= bound:
+            raise ValueError(f"{_key(section, name)}: must be >= {bound}, got {value}")
+
+
+def _key(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
 
 
 @dataclass
@@ -48,14 +69,14 @@ class OptimConfig:
     warmup_ratio: float = param(0.0, "fraction of the steps with a linear warmup")
 
     def __post_init__(self):
+        check_finite("optim", self, "lr", "weight_decay", "eps", "grad_clip", "warmup_ratio")
         if not self.lr > 0:
             raise ValueError(f"optim.lr: must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if not self.eps > 0:
+            raise ValueError(f"optim.eps: must be > 0, got {self.eps}")
+        check_at_least("optim", self, 0, "weight_decay", "grad_clip")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas: each must be in [0, 1), got {self.betas}")
-        if self.grad_clip < 0:
-            raise ValueError(f"optim.grad_clip: must be >= 0, got {self.grad_clip}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"optim.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
 
@@ -92,8 +113,7 @@ class TransportConfig:
                       "needed on tcp addresses other hosts can reach")
 
     def __post_init__(self):
-        if self.workers < 0 or self.credits < 0:
-            raise ValueError("transport.workers and transport.credits must be >= 0")
+        check_at_least("transport", self, 0, "workers", "credits")
         if self.sync_bucket_mb < 1:
             raise ValueError(f"transport.sync_bucket_mb: must be >= 1, got {self.sync_bucket_mb}")
         if not self.endpoint:
@@ -141,19 +161,24 @@ class AlgoConfig:
         "recompute", "old log-probs: recomputed by the learner before the update, or the engine's")
     tis_cap: float = param(0.0, "truncated importance-sampling weight cap on exp(old - engine) (0: off)")
     epsilon: float = param(1e-6, "advantage std epsilon")
+    max_draw_factor: int = param(8, "a step draws at most this many times prompts_per_step prompts, then stops "
+                                 "the run (every group dropped: all answers score the same, or all fail)")
 
     def __post_init__(self):
-        if self.prompts_per_step < 1 or self.mini_batches < 1:
-            raise ValueError("algo.prompts_per_step and algo.mini_batches must be >= 1")
+        check_at_least("algo", self, 1, "prompts_per_step", "mini_batches", "max_draw_factor")
         if self.prompts_per_step % self.mini_batches:
             raise ValueError(f"algo.prompts_per_step ({self.prompts_per_step}) must be divisible by "
                              f"algo.mini_batches ({self.mini_batches})")
-        if self.clip_low < 0 or self.clip_high < 0:
-            raise ValueError("algo.clip_low and algo.clip_high must be >= 0")
+        check_finite("algo", self, "clip_low", "clip_high", "clip_ratio_c", "kl_coef", "entropy_coef", "tis_cap",
+                     "epsilon")
+        check_at_least("algo", self, 0, "clip_low", "clip_high", "kl_coef", "entropy_coef", "tis_cap")
+        if self.clip_high < self.clip_low:
+            raise ValueError(f"algo.clip_high ({self.clip_high}) is below algo.clip_low ({self.clip_low}): the ratio "
+                             "is clipped to [1 - clip_low, 1 + clip_high], and clip-higher (DAPO) raises clip_high")
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
             raise ValueError(f"algo.clip_ratio_c: must be > 1 (or none: off), got {self.clip_ratio_c}")
-        if self.kl_coef < 0 or self.entropy_coef < 0 or self.tis_cap < 0:
-            raise ValueError("algo.kl_coef, algo.entropy_coef and algo.tis_cap must be >= 0")
+        if not self.epsilon > 0:
+            raise ValueError(f"algo.epsilon: must be > 0, got {self.epsilon}")
         if self.tis_cap and self.old_logp == "engine":
             raise ValueError("algo.tis_cap corrects recomputed old log-probs towards the engine's: "
                              "it needs algo.old_logp=recompute")
@@ -210,8 +235,8 @@ class CheckpointConfig:
     export: bool = param(True, "export the final policy as a Hugging Face folder")
 
     def __post_init__(self):
-        if self.every < 0 or self.keep < 1:
-            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+        check_at_least("checkpoint", self, 0, "every")
+        check_at_least("checkpoint", self, 1, "keep")
 
 
 @dataclass
@@ -262,8 +287,8 @@ class SFTConfig:
     seed: int = param(0, "learner seed (python, numpy, torch)")
 
     def __post_init__(self):
-        if self.epochs < 1 or self.global_batch_size < 1 or self.max_tokens < 1 or self.max_steps < 0:
-            raise ValueError("epochs, global_batch_size and max_tokens must be >= 1, max_steps >= 0")
+        check_at_least("", self, 1, "epochs", "global_batch_size", "max_tokens")
+        check_at_least("", self, 0, "max_steps")
 
 
 def deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, dtype: str, *, train_batch_size: int,

@@ -13,6 +13,7 @@ and `--help` shows that command's real defaults.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,6 +87,9 @@ class RolloutConfig:
         for name in ("seed", "max_staleness", "retries", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"rollout.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("temperature", "timeout_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"rollout.{name}: must be a finite number, got {getattr(self, name)}")
         if not self.timeout_s >= 0:
             raise ValueError(f"rollout.timeout_s: must be >= 0, got {self.timeout_s}")
         if not 0 <= self.mem_fraction_static < 1:
