@@ -104,15 +104,15 @@ def test_passrate_then_curate_inside_a_running_event_loop(tiny_llama_dir, tmp_pa
 
     async def cell():
         counts = passrate(model=str(tiny_llama_dir), output=str(tmp_path / "pr"),
-                          data={**BUNDLED_TEXT, "max_samples": 4}, rollout={"n": 2, "max_response_tokens": 4})
+                          data={**BUNDLED_TEXT, "max_samples": 3}, rollout={"n": 16, "max_response_tokens": 2})
         kept = curate(source="bundled", pass_counts=str(counts.output), output=str(tmp_path / "curated"),
-                      min_pass=0, max_pass=2)
+                      min_pass=0, max_pass=16)
         return counts, kept
 
     counts, kept = asyncio.run(cell())
     rows = read_records(tmp_path / "pr" / "results.jsonl")
-    assert counts.pass_counts == {r["dataset_index"]: r["num_correct"] for r in rows} and len(rows) == 4
-    assert counts.num_samples == 2 and counts.stats.written == 4
-    assert "| pass count (of 2) |" in counts.histogram
+    assert counts.pass_counts == {r["dataset_index"]: r["num_correct"] for r in rows} and len(rows) == 3
+    assert counts.num_samples == 16 and counts.stats.written == 3
+    assert "| pass count (of 16) |" in counts.histogram
     summary = json.loads((tmp_path / "curated" / "curation.json").read_text())
-    assert kept.kept == summary["kept"] == 4 and summary["num_rollouts"] == 2
+    assert kept.kept == summary["kept"] == 3 and summary["num_rollouts"] == 16
