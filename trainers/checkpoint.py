@@ -26,6 +26,15 @@ except ImportError:
     from numpy.core.multiarray import _reconstruct
 
 _TAG_PREFIX = "step_"
+CONFIG_NAME = "config.yaml"
+# What a resumed run may change without --allow-changes: how long it runs, what it logs, when it
+# checkpoints, and where its rollout workers run and connect (the stream's order and seeds do not depend
+# on placement). Everything else (model, optimizer, data, rollout, algorithm, credits, seeds) shapes the
+# training the checkpoint continues. (With a cosine schedule a longer run stretches the remaining decay:
+# the schedule follows the new total.)
+RESUME_VOLATILE = ("steps", "epochs", "max_steps", "logging", "checkpoint.every", "checkpoint.keep",
+                   "checkpoint.export", "transport.endpoint", "transport.workers", "transport.keys",
+                   "transport.sync_bucket_mb")
 # What `np.random.get_state()` pickles beyond plain values: one uint32 array.
 _NUMPY_RNG_GLOBALS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
@@ -59,21 +68,73 @@ def tags(run_dir: str | Path) -> list[str]:
     return sorted(found)
 
 
-def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool = False) -> None:
+class _NotSet:
+    """A setting one config has and the other lacks (a key added to the engine after the folder was written)."""
+
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+def changed_settings(saved: dict, current: dict, volatile: tuple[str, ...] = RESUME_VOLATILE,
+                     prefix: str = "") -> list[str]:
+    """`key: old -> new` for every setting that differs between two config dicts, except `volatile` ones
+    (a dotted key, or a whole section by its name)."""
+    lines = []
+    for key in sorted(set(saved) | set(current), key=str):
+        name = f"{prefix}{key}"
+        if name in volatile:
+            continue
+        old, new = saved.get(key, _NotSet()), current.get(key, _NotSet())
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += changed_settings(old, new, volatile, f"{name}.")
+        elif old != new:
+            lines.append(f"{name}: {old!r} -> {new!r}")
+    return lines
+
+
+def check_resume_settings(run_dir: str | Path, config: dict, *, allow_changes: bool = False) -> list[str]:
+    """Compare the settings of a resumed run with those the run folder was trained with (its config.yaml);
+    returns the changes. A change outside RESUME_VOLATILE is refused unless `allow_changes`."""
+    import yaml
+
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        if allow_changes:
+            return []
+        raise FileNotFoundError(f"--resume: {path} is missing, so the settings of the run cannot be checked "
+                                "(--allow-changes resumes without the check)")
+    changes = changed_settings(yaml.safe_load(path.read_text()) or {}, config)
+    if changes and not allow_changes:
+        raise ValueError(f"--resume: the settings differ from those the run in {run_dir} was trained with "
+                         f"({path.name}): {'; '.join(changes)}. Resume with the same settings, or pass "
+                         "--allow-changes to continue with the new ones.")
+    return changes
+
+
+def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool = False, config: dict | None = None,
+                    allow_changes: bool = False) -> None:
     """Check the run folder before anything starts (no model, no DeepSpeed yet).
 
-    `resume` needs a complete checkpoint there. A new run refuses a folder an earlier run used (its
-    checkpoints, weights and logs would mix with this run's: checkpoint rotation would even delete the new
-    run's checkpoints and keep the old one's) unless `overwrite`, which removes it only when medvl-engine
-    wrote it (its config.yaml is there), and only on rank 0.
+    `resume` needs a complete checkpoint there and, when `config` (the run's settings as a dict) is given,
+    the settings the folder was trained with: a change outside RESUME_VOLATILE is refused unless
+    `allow_changes` (then printed). A new run refuses a folder an earlier run used (its checkpoints,
+    weights and logs would mix with this run's: checkpoint rotation would even delete the new run's
+    checkpoints and keep the old one's) unless `overwrite`, which removes it only when medvl-engine wrote
+    it (its config.yaml is there), and only on rank 0.
     """
     import os
+    import sys
 
     run_dir = Path(run_dir)
     if resume:
         if not tags(run_dir):
             raise FileNotFoundError(f"--resume: no complete checkpoint under {checkpoint_dir(run_dir)} (drop --resume "
                                     "to start a new run)")
+        if config is not None:
+            changes = check_resume_settings(run_dir, config, allow_changes=allow_changes)
+            if changes and int(os.environ.get("RANK", "0")) == 0:
+                print(f"--resume --allow-changes: continuing {run_dir} with changed settings: {'; '.join(changes)}",
+                      file=sys.stderr)
         return
     used = [name for name in ("metrics.jsonl", "rollouts.jsonl", "checkpoints", "weights", "export")
             if (run_dir / name).exists()]
@@ -82,8 +143,8 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool = Fals
     if not overwrite:
         raise FileExistsError(f"{run_dir} holds an earlier run ({', '.join(used)}): --resume continues it, --overwrite "
                               "replaces it, or choose another --logging.run-dir")
-    if not (run_dir / "config.yaml").is_file():
-        raise FileExistsError(f"--overwrite: {run_dir} has no config.yaml, so medvl-engine did not write it; "
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise FileExistsError(f"--overwrite: {run_dir} has no {CONFIG_NAME}, so medvl-engine did not write it; "
                               "remove it yourself or choose another --logging.run-dir")
     if int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(run_dir)

@@ -353,8 +353,8 @@ def make_weight_sync(cfg: GRPOConfig, source):
                      bucket_mb=cfg.transport.sync_bucket_mb)
 
 
-def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, feed=None, sync=None,
-        on_step=None) -> list[dict]:
+def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
+        feed=None, sync=None, on_step=None) -> list[dict]:
     """Train `cfg.steps` steps (from the last checkpoint with `resume`); returns the per-step metrics.
 
     `feed` and `sync` default to the configured placement: a RolloutPool in this process with weights
@@ -365,7 +365,8 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, feed=
     from medvl_engine.trainers.learner import Learner
     from medvl_engine.trainers.metrics import MetricsLog, RolloutLog
 
-    checkpoint.prepare_run_dir(cfg.logging.run_dir, resume=resume, overwrite=overwrite)
+    checkpoint.prepare_run_dir(cfg.logging.run_dir, resume=resume, overwrite=overwrite,
+                               config=config_lib.to_dict(cfg), allow_changes=allow_changes)
     seed_everything(cfg.seed)
     algo = cfg.algo
     groups_per_mini = algo.prompts_per_step // algo.mini_batches
@@ -416,12 +417,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run in the run folder (only a folder medvl-engine wrote)")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: continue even though settings differ from the run folder's config.yaml "
+                        "(the changes are printed; steps, logging and checkpoint cadence may always change)")
 
 
 def main(args: argparse.Namespace) -> int:
     from medvl_engine.trainers.distributed import shutdown
 
     cfg = config_lib.from_args(GRPOConfig, args)
-    history = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    history = run(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     shutdown()  # after an error the other ranks are stopped by the launcher; a barrier would hang them
     return 0 if history and all(math.isfinite(r["loss"]) for r in history) else 1

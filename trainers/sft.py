@@ -158,7 +158,8 @@ def total_steps(cfg: SFTConfig, num_examples: int) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
+def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
+        allow_changes: bool = False) -> list[dict]:
     """Train; returns the per-step metrics (also written to run_dir/metrics.jsonl on rank 0)."""
     from medvl_engine.trainers import checkpoint
     from medvl_engine.trainers.distributed import seed_everything
@@ -166,7 +167,8 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> lis
     from medvl_engine.trainers.metrics import MetricsLog
     from medvl_engine.trainers.model import load_processor, load_tokenizer
 
-    checkpoint.prepare_run_dir(cfg.logging.run_dir, resume=resume, overwrite=overwrite)
+    checkpoint.prepare_run_dir(cfg.logging.run_dir, resume=resume, overwrite=overwrite,
+                               config=config_lib.to_dict(cfg), allow_changes=allow_changes)
     seed_everything(cfg.seed)
     examples = load_examples(cfg, load_tokenizer(cfg.model.path), load_processor(cfg.model.path))
     steps = total_steps(cfg, len(examples))
@@ -206,13 +208,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run in the run folder (only a folder medvl-engine wrote)")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: continue even though settings differ from the run folder's config.yaml "
+                        "(the changes are printed; steps, logging and checkpoint cadence may always change)")
 
 
 def main(args: argparse.Namespace) -> int:
     from medvl_engine.trainers.distributed import shutdown
 
     cfg = config_lib.from_args(SFTConfig, args)
-    history = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    history = run(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     shutdown()  # after an error the other ranks are stopped by the launcher; a barrier would hang them
     if history and not math.isfinite(history[-1]["loss"]):
         return 1

@@ -34,3 +34,82 @@ def test_resume_needs_a_complete_checkpoint(tmp_path):
         prepare_run_dir(run, resume=True)
     (run / "checkpoints" / "step_000002" / "client_state.pt").write_bytes(b"")
     prepare_run_dir(run, resume=True)
+
+
+def _resumable(run, cfg):
+    """A run folder as a run of `cfg` leaves it: its config.yaml and one complete checkpoint."""
+    from medvl_engine import config as config_lib
+
+    config_lib.save(cfg, run / "config.yaml")
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_000002" / "client_state.pt").write_bytes(b"")
+    return run
+
+
+def test_resume_with_changed_settings_names_them_and_is_refused(tmp_path, capsys):
+    from medvl_engine import config as config_lib
+    from medvl_engine.trainers.config import GRPOConfig, OptimConfig
+
+    run = _resumable(tmp_path / "run", GRPOConfig())
+    changed = GRPOConfig(optim=OptimConfig(lr=2e-6), seed=3)
+    changed.rollout.temperature = 0.7
+    with pytest.raises(ValueError, match="--allow-changes") as refused:
+        prepare_run_dir(run, resume=True, config=config_lib.to_dict(changed))
+    message = str(refused.value)
+    for change in ("optim.lr: 1e-06 -> 2e-06", "rollout.temperature: 1.0 -> 0.7", "seed: 0 -> 3"):
+        assert change in message
+    assert message.count("->") == 3
+
+    prepare_run_dir(run, resume=True, config=config_lib.to_dict(changed), allow_changes=True)
+    err = capsys.readouterr().err
+    assert "changed settings" in err and "optim.lr: 1e-06 -> 2e-06" in err
+
+
+def test_resume_may_run_longer_log_and_checkpoint_differently(tmp_path, capsys):
+    from medvl_engine import config as config_lib
+    from medvl_engine.trainers.config import CheckpointConfig, GRPOConfig, LoggingConfig, SFTConfig
+
+    run = _resumable(tmp_path / "run", GRPOConfig(steps=4))
+    longer = GRPOConfig(steps=8, logging=LoggingConfig(log_every=5, rollouts=False),
+                        checkpoint=CheckpointConfig(every=2, keep=3, export=False))
+    longer.transport.endpoint, longer.transport.workers = "ipc:///tmp/elsewhere.sock", 2
+    prepare_run_dir(run, resume=True, config=config_lib.to_dict(longer))
+    assert capsys.readouterr().err == ""
+
+    sft_run = _resumable(tmp_path / "sft", SFTConfig(max_steps=10))
+    prepare_run_dir(sft_run, resume=True, config=config_lib.to_dict(SFTConfig(max_steps=20, epochs=8)))
+    with pytest.raises(ValueError, match=r"global_batch_size: 16 -> 32"):
+        prepare_run_dir(sft_run, resume=True, config=config_lib.to_dict(SFTConfig(global_batch_size=32)))
+
+
+def test_resume_without_the_saved_settings_is_refused(tmp_path):
+    from medvl_engine import config as config_lib
+    from medvl_engine.trainers.config import GRPOConfig
+
+    run = _resumable(tmp_path / "run", GRPOConfig())
+    (run / "config.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config.yaml is missing"):
+        prepare_run_dir(run, resume=True, config=config_lib.to_dict(GRPOConfig()))
+    prepare_run_dir(run, resume=True, config=config_lib.to_dict(GRPOConfig()), allow_changes=True)
+
+
+@pytest.mark.parametrize("command", ["grpo", "sft"])
+def test_the_commands_check_the_settings_before_anything_starts(tmp_path, command):
+    """`grpo`/`sft --resume` refuse a changed lr before a model loads; `--allow-changes` is a flag of both."""
+    import argparse
+    import importlib
+
+    from medvl_engine import config as config_lib
+
+    module = importlib.import_module(f"medvl_engine.trainers.{command}")
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    run = tmp_path / "run"
+    args = ["--model.path", str(tmp_path / "no-model"), "--logging.run-dir", str(run)]
+    cfg = config_lib.from_args(module.GRPOConfig if command == "grpo" else module.SFTConfig, parser.parse_args(args))
+    _resumable(run, cfg)
+    changed = parser.parse_args([*args, "--optim.lr", "0.5", "--resume", "--allow-changes"])
+    assert changed.allow_changes and "--allow-changes" in parser.format_help()
+    cfg = config_lib.from_args(module.GRPOConfig if command == "grpo" else module.SFTConfig, changed)
+    with pytest.raises(ValueError, match=r"optim.lr: .* -> 0.5"):
+        module.run(cfg, resume=True)
