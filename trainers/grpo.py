@@ -419,7 +419,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace an earlier run in the run folder (only a folder medvl-engine wrote)")
     parser.add_argument("--allow-changes", action="store_true",
                         help="with --resume: continue even though settings differ from the run folder's config.yaml "
-                        "(the changes are printed; steps, logging and checkpoint cadence may always change)")
+                        "(the changes are printed; steps, logging, checkpoint cadence and worker placement may "
+                        "always change)")
 
 
 def main(args: argparse.Namespace) -> int:
