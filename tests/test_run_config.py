@@ -28,6 +28,7 @@ COMMAND_CONFIGS = {
     "keys": ("medvl_engine.transport.keys:KeysConfig", {"folder": "keys"}),
     "build-data": ("medvl_engine.databuild.config:BuildDataConfig",
                    {"stage": "filter-text", "output": "o", "input": {"source": "rows.jsonl"}}),
+    "bench": ("medvl_engine.bench:BenchConfig", {}),
 }
 
 
