@@ -147,3 +147,23 @@ def test_wandb_writes_an_offline_run_under_the_run_folder(tmp_path, monkeypatch)
                for r in records if r.WhichOneof("record_type") == "history"]
     assert [{k: h[k] for k in ("_step", "reward", "kl", "groups")} for h in history] == [
         {"_step": r["step"], **{k: r[k] for k in ("reward", "kl", "groups")}} for r in rows]
+
+
+@pytest.mark.slow
+def test_a_toy_grpo_run_writes_tensorboard_scalars_equal_to_its_metrics_jsonl_and_a_report(toy_model, tmp_path):
+    pytest.importorskip("tensorboard")
+    from test_grpo import run_toy, toy_config
+
+    from medvl_engine.evals.report import write_training_report
+
+    run_dir = tmp_path / "run"
+    cfg = toy_config(toy_model, run_dir)
+    cfg.logging.sinks, cfg.steps = "tensorboard", 2
+    history, _ = run_toy(cfg)
+    rows = jsonl_rows(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and rows == json.loads(json.dumps(history))
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    for key in ("reward", "accuracy", "format", "kl", "clip_frac", "dual_clip_frac", "response_len", "tokens_per_s"):
+        assert scalars[key] == {r["step"]: float(np.float32(r[key])) for r in rows}, key
+    markdown = write_training_report(run_dir)
+    assert (run_dir / "curves.png").stat().st_size > 10_000 and "| 2 |" in markdown
