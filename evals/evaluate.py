@@ -21,6 +21,7 @@ A stopped run resumes where it stopped when started again with the same settings
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,7 @@ def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[Run
     being built from `cfg.model`; backends built here are shut down at the end.
     """
     from medvl_engine.evals.report import write_run_report
-    from medvl_engine.evals.runner import build_backends, shutdown
+    from medvl_engine.evals.runner import build_backends, interrupted, shutdown
     from medvl_engine.rollout.stream import load_data
 
     questions = load_data(cfg.data)
@@ -131,10 +132,16 @@ def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[Run
         backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
 
     async def run():
+        stopped = False
         try:
             return await _generate_repeats(cfg, questions, backends, renderer)
+        except asyncio.CancelledError:
+            # Ctrl-C: asyncio.run cancels this task. Every finished answer is on disk; a generate call still
+            # running in a backend's thread is not waited for (on a CPU it can take minutes).
+            stopped = True
+            raise interrupted(sorted(Path(cfg.output).glob("v*/results.jsonl"))) from None
         finally:
-            if owned:
+            if owned and not stopped:
                 await shutdown(backends)
 
     stats = run_to_end(run())

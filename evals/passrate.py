@@ -21,6 +21,7 @@ question is one request with n samples (the engine shares the prompt across them
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,7 @@ def write_histogram(folder: str | Path, title: str = "") -> tuple[np.ndarray, st
 def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunStats, str]:
     """Run (or resume) the pass-rate estimate and write its histogram; returns the stats and the text table."""
     from medvl_engine.evals.results import ResultsFile
-    from medvl_engine.evals.runner import build_backends, generate_into, shutdown
+    from medvl_engine.evals.runner import build_backends, generate_into, interrupted, shutdown
     from medvl_engine.rollout.stream import load_data
 
     questions = load_data(cfg.data)
@@ -143,11 +144,17 @@ def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunS
         backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
 
     async def run():
+        stopped = False
         try:
             return await generate_into(ResultsFile(Path(cfg.output) / RESULTS_NAME), questions, backends, renderer,
                                        cfg.rollout, mode="reward", label="passrate: ")
+        except asyncio.CancelledError:
+            # Ctrl-C (asyncio.run cancels this task): finished questions are on disk; a backend's generate
+            # call still running in its thread is not waited for.
+            stopped = True
+            raise interrupted([Path(cfg.output) / RESULTS_NAME]) from None
         finally:
-            if owned:
+            if owned and not stopped:
                 await shutdown(backends)
 
     stats = run_to_end(run())

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 
@@ -162,6 +163,30 @@ async def generate_into(
 def run_generation(*args, **kwargs) -> RunStats:
     """`generate_into` on a fresh event loop (for callers that are not async)."""
     return asyncio.run(generate_into(*args, **kwargs))
+
+
+def interrupted(paths: Sequence[Path]):
+    """The `Interrupted` a run stopped by Ctrl-C raises: how many questions its results files `paths` keep.
+
+    Every finished question is already on disk (a line is appended as each finishes); the lines of the
+    questions in flight were never written, and a rerun generates exactly those."""
+    from medvl_engine.errors import Interrupted
+
+    kept = {Path(p): _complete_lines(Path(p)) for p in paths if Path(p).is_file()}
+    total = sum(kept.values())
+    if len(kept) == 1:
+        where = str(next(iter(kept)))
+    elif kept:
+        where = f"{len(kept)} results files ({', '.join(str(p) for p in kept)})"
+    else:
+        where = "no results file yet"
+    return Interrupted(f"interrupted: {total} answered questions kept in {where}; run the same command again "
+                       "to resume")
+
+
+def _complete_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.endswith(b"\n"))
 
 
 async def shutdown(backends: Sequence) -> None:

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import os
 import sys
+import threading
 
 from medvl_engine import __version__
 from medvl_engine.errors import UserError
@@ -33,7 +34,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "curate": ("medvl_engine.evals.curate", "keep questions by pass count and order them by difficulty"),
     "report": ("medvl_engine.evals.report", "compare evaluation runs side by side"),
     "build-data": ("medvl_engine.databuild.command", "filter, deduplicate, reformat image-caption pairs into VQA"),
-    "bench": ("medvl_engine.bench", "run the parser, kernel, transport, rollout and weight-sync benchmarks"),
 }
 
 
@@ -90,7 +90,18 @@ def _open_file_name(exc: BaseException) -> str | None:
     return found
 
 
+def _stop_now_if_threads_remain(code: int) -> None:
+    """After Ctrl-C, exit at once when a worker thread is still busy: the interpreter would join it at exit
+    and a generate call in flight on a CPU can take minutes. Whatever was kept is on disk by now."""
+    busy = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if busy:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None  # the console script: this process ends when main returns
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("MEDVL_DEBUG", "") not in ("", "0")
     while argv and argv[0] == "--debug":
@@ -120,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A command that kept its partial work says so in the interrupt's message.
         print(f"medvl-engine {name}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        if own_process:
+            _stop_now_if_threads_remain(130)
         return 130
     except USER_ERRORS as exc:
         if debug:

@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A condition the user fixes (inputs, settings, files); the message says what and where."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the command kept what it had finished; the message says what was kept and where."""
