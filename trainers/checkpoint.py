@@ -33,7 +33,7 @@ CONFIG_NAME = "config.yaml"
 # training the checkpoint continues. (With a cosine schedule a longer run stretches the remaining decay:
 # the schedule follows the new total.)
 RESUME_VOLATILE = ("steps", "epochs", "max_steps", "logging", "checkpoint.every", "checkpoint.keep",
-                   "checkpoint.export", "transport.endpoint", "transport.workers", "transport.keys",
+                   "checkpoint.export", "checkpoint.final", "transport.endpoint", "transport.workers", "transport.keys",
                    "transport.sync_bucket_mb")
 # What `np.random.get_state()` pickles beyond plain values: one uint32 array.
 _NUMPY_RNG_GLOBALS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]

@@ -233,6 +233,8 @@ class CheckpointConfig:
     every: int = param(0, "save a DeepSpeed checkpoint every k steps (0: only at the end)")
     keep: int = param(2, "checkpoints kept (older ones are deleted)")
     export: bool = param(True, "export the final policy as a Hugging Face folder")
+    final: bool = param(True, "save a DeepSpeed checkpoint at the end of the run (the one `--resume` continues "
+                        "from); off: only the export remains of a finished run")
 
     def __post_init__(self):
         check_at_least("checkpoint", self, 0, "every")

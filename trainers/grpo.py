@@ -401,8 +401,9 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow
                 if cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0:
                     checkpoint.save_checkpoint(learner, run_dir, trainer.step_index, trainer.client_state(),
                                                keep=cfg.checkpoint.keep)
-            if history and (not cfg.checkpoint.every or trainer.step_index % cfg.checkpoint.every):
-                # The end of the run is always a checkpoint (checkpoint.every 0: only there).
+            last_saved = cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0
+            if history and cfg.checkpoint.final and not last_saved:
+                # The end of the run is a checkpoint (checkpoint.every 0: only there) unless checkpoint.final is off.
                 checkpoint.save_checkpoint(learner, run_dir, trainer.step_index, trainer.client_state(),
                                            keep=cfg.checkpoint.keep)
         if cfg.checkpoint.export:

@@ -194,8 +194,8 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
                 checkpoint.save_checkpoint(learner, run_dir, step + 1, {"config": config_lib.to_dict(cfg)},
                                            keep=cfg.checkpoint.keep)
-        if history and (not cfg.checkpoint.every or steps % cfg.checkpoint.every):
-            # The end of the run is always a checkpoint (checkpoint.every 0: only there).
+        if history and cfg.checkpoint.final and (not cfg.checkpoint.every or steps % cfg.checkpoint.every):
+            # The end of the run is a checkpoint (checkpoint.every 0: only there) unless checkpoint.final is off.
             checkpoint.save_checkpoint(learner, run_dir, steps, {"config": config_lib.to_dict(cfg)},
                                        keep=cfg.checkpoint.keep)
     if cfg.checkpoint.export:

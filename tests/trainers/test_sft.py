@@ -76,3 +76,21 @@ def test_sft_lowers_the_loss_on_the_bundled_data(tiny_chat_model, tmp_path):
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export")
     assert exported.config.vocab_size == len(AutoTokenizer.from_pretrained(tmp_path / "run" / "export"))
+
+
+def test_checkpoint_final_off_leaves_only_the_export(tiny_chat_model, tmp_path):
+    from medvl_engine import config as config_lib
+    from medvl_engine.trainers import sft
+    from medvl_engine.trainers.config import SFTConfig
+
+    cfg = config_lib.build(SFTConfig, {
+        "model": {"path": str(tiny_chat_model), "dtype": "fp32", "gradient_checkpointing": False},
+        "data": {"text_only": True, "max_samples": 2},
+        "deepspeed": {"micro_batch_size": 1},
+        "logging": {"run_dir": str(tmp_path / "run")},
+        "checkpoint": {"final": False},
+        "epochs": 1, "global_batch_size": 2,
+    })
+    assert len(sft.run(cfg)) == 1
+    assert (tmp_path / "run" / "export" / "config.json").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
