@@ -64,7 +64,7 @@ def test_passrate_then_curate(tiny_llama_dir, tmp_path, capsys):
 
     curated = tmp_path / "curated"
     assert cli(["curate", "--source", "bundled", "--pass-counts", str(out), "--output", str(curated),
-                "--min-pass", "0", "--max-pass", "4", "--order", "hard_to_easy"]) == 0
+                "--min-pass", "0", "--max-pass", "4", "--band-of", "4", "--order", "hard_to_easy"]) == 0
     summary = json.loads((curated / "curation.json").read_text())
     assert (summary["kept"], summary["missing"], summary["num_rollouts"]) == (8, 37 - 8, 4)
     samples = load_samples(curated / "dataset", split="train")
