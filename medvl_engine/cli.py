@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "curate": ("medvl_engine.evals.curate", "keep questions by pass count and order them by difficulty"),
     "report": ("medvl_engine.evals.report", "compare evaluation runs side by side"),
     "build-data": ("medvl_engine.databuild.command", "filter, deduplicate, reformat image-caption pairs into VQA"),
+    "bench": ("medvl_engine.bench", "run the parser, kernel, transport, rollout and weight-sync benchmarks"),
 }
 
 
