@@ -5,8 +5,8 @@
 
 Its flags are `PassrateConfig`'s (the same `data` and `rollout` sections as every other command), with
 MedVLThinker's settings as defaults: n=16 samples per question at temperature 1.0 (top_p 1), 4096 new
-tokens, seed 42, graded by the strict RL reward (`reward` mode: the format gate counts), over a
-training split in dataset order. The run folder holds
+tokens, seed 42, graded like MedVLThinker's pass counts (its offline-eval grader, `eval` mode: the first
+`<answer>` block, or the whole answer, no format gate), over a training split in dataset order. The run folder holds
 
     manifest.json        model, settings, versions, commit
     results.jsonl        one line per question (the eval layout); `num_correct` is its pass count
@@ -147,7 +147,7 @@ def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunS
         stopped = False
         try:
             return await generate_into(ResultsFile(Path(cfg.output) / RESULTS_NAME), questions, backends, renderer,
-                                       cfg.rollout, mode="reward", label="passrate: ")
+                                       cfg.rollout, mode="eval", label="passrate: ")
         except asyncio.CancelledError:
             # Ctrl-C (asyncio.run cancels this task): finished questions are on disk; a backend's generate
             # call still running in its thread is not waited for.

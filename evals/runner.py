@@ -122,7 +122,7 @@ async def generate_into(
 
     `rollout` (a RolloutConfig) gives the sampling and the pool's bounds; sampling runs seed each
     position with `rollout.seed + seed_offset` (repeat k of an evaluation), greedy runs carry no seed.
-    `mode` is the parser that fills `is_correct` (eval for evaluation, reward for pass counts).
+    `mode` is the parser that fills `is_correct` (eval, as MedVLThinker grades evaluations and pass counts).
     """
     from medvl_engine.rollout.pool import FailedPrompt, RolloutPool
     from medvl_engine.rollout.stream import PromptStream

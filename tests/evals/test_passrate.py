@@ -1,9 +1,10 @@
 """`medvl-engine passrate` end to end with the hf backend and a tiny random model, then `curate` on its
-output: pass counts by strict reward grading, one seed per question, resume, histogram, a dataset."""
+output: pass counts by MedVLThinker's offline-eval grading, one seed per question, resume, histogram, a dataset."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -30,9 +31,9 @@ def test_passrate_then_curate(tiny_llama_dir, tmp_path, capsys):
     for r in rows:
         texts = [o["output_text"] for o in r["parsed_outputs"]]
         assert r["num_rollouts"] == 4
-        # Strict reward grading: the format gate and the first single-line answer.
-        strict = [grading.format_ok(t) and grading.grade_answer(grading.extract_reward(t), r["answer"],
-                                                                 r["answer_label"]) for t in texts]
+        # MedVLThinker's pass counts: its offline-eval grader (first <answer> block or the whole
+        # answer, no format gate), not the RL reward.
+        strict = [grading.grade_answer(grading.extract_eval(t), r["answer"], r["answer_label"]) for t in texts]
         assert [o["is_correct"] for o in r["parsed_outputs"]] == strict and r["num_correct"] == sum(strict)
         varied += len(set(texts)) > 1
     assert varied >= 6  # temperature 1.0: the n answers of a question differ
@@ -79,3 +80,36 @@ def test_histogram_counts_every_pass_count():
     text = histogram_text(hist)
     assert "| 7 | 3 | 42.9 |" in text and "none solved 2; all solved 1" in text
     assert np.array_equal(histogram([], 4), np.zeros(5, dtype=np.int64))
+
+
+def test_pass_counts_are_graded_like_medvlthinkers_no_format_gate(tmp_path):
+    """MedVLThinker's pass counts come from its offline-eval grader: a bare letter without tags counts."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rollout"))
+    from scripted_backend import ScriptedBackend
+
+    from medvl_engine.evals.passrate import PassrateConfig, estimate
+    from medvl_engine.rollout.config import DataConfig, RolloutConfig
+
+    answers = {0: "label", 1: "<answer>label</answer>"}  # sample k of 4: k 0 bare, k 1 tagged, k 2-3 wrong
+
+    def answer(request, k):
+        return answers.get(k, "Z").replace("label", request.sample.answer_label)
+
+    class Renderer:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            return "".join(str(m["content"]) for m in messages)
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1, 2, 3]}
+
+    (tmp_path / "model").mkdir()
+    cfg = PassrateConfig(model=str(tmp_path / "model"), output=str(tmp_path / "run"),
+                         data=DataConfig(source="bundled", ignore_images=True, max_samples=3, shuffle=False),
+                         rollout=RolloutConfig(n=4, temperature=1.0))
+    estimate(cfg, backends=[ScriptedBackend("b", answer=answer)], renderer=Renderer())
+    rows = read_records(tmp_path / "run" / "results.jsonl")
+    assert [r["num_correct"] for r in rows] == [2, 2, 2]
