@@ -124,6 +124,7 @@ async def generate_into(
     position with `rollout.seed + seed_offset` (repeat k of an evaluation), greedy runs carry no seed.
     `mode` is the parser that fills `is_correct` (eval, as MedVLThinker grades evaluations and pass counts).
     """
+    from medvl_engine.profiling import stage
     from medvl_engine.rollout.pool import FailedPrompt, RolloutPool
     from medvl_engine.rollout.stream import PromptStream
 
@@ -138,23 +139,24 @@ async def generate_into(
                           skip=lambda position: samples[position].dataset_index in done)
     pool = RolloutPool.from_config(backends, stream.requests(), rollout, logprobs=False, score_mode=mode)
     start = last = time.perf_counter()
-    try:
-        async for item in pool.stream():
-            if isinstance(item, FailedPrompt):
-                stats.failed.append((item.request.sample.dataset_index, item.reason))
-                continue
-            results.append(make_record(item, mode))
-            stats.written += 1
-            stats.tokens += item.num_tokens
-            now = time.perf_counter()
-            if progress_every_s and now - last >= progress_every_s:
-                last = now
-                finished = stats.skipped + stats.written
-                logger.info("%s%d/%d questions, %.2f q/s, %.0f tok/s", label, finished, stats.questions,
-                            stats.written / (now - start), stats.tokens / (now - start))
-    finally:
-        stats.seconds = time.perf_counter() - start
-        results.close()
+    with stage("eval_generate"):  # the whole pass; the pool marks each group's generate and score
+        try:
+            async for item in pool.stream():
+                if isinstance(item, FailedPrompt):
+                    stats.failed.append((item.request.sample.dataset_index, item.reason))
+                    continue
+                results.append(make_record(item, mode))
+                stats.written += 1
+                stats.tokens += item.num_tokens
+                now = time.perf_counter()
+                if progress_every_s and now - last >= progress_every_s:
+                    last = now
+                    finished = stats.skipped + stats.written
+                    logger.info("%s%d/%d questions, %.2f q/s, %.0f tok/s", label, finished, stats.questions,
+                                stats.written / (now - start), stats.tokens / (now - start))
+        finally:
+            stats.seconds = time.perf_counter() - start
+            results.close()
     if not stats.failed and stats.skipped + stats.written == stats.questions:
         results.finalize()
     return stats

@@ -27,14 +27,14 @@ except ImportError:
 
 _TAG_PREFIX = "step_"
 CONFIG_NAME = "config.yaml"
-# What a resumed run may change without --allow-changes: how long it runs, what it logs, when it
-# checkpoints, and where its rollout workers run and connect (the stream's order and seeds do not depend
+# What a resumed run may change without --allow-changes: how long it runs, what it logs and profiles, when
+# it checkpoints, and where its rollout workers run and connect (the stream's order and seeds do not depend
 # on placement). Everything else (model, optimizer, data, rollout, algorithm, credits, seeds) shapes the
 # training the checkpoint continues. (With a cosine schedule a longer run stretches the remaining decay:
 # the schedule follows the new total.)
 RESUME_VOLATILE = ("steps", "epochs", "max_steps", "logging", "checkpoint.every", "checkpoint.keep",
                    "checkpoint.export", "checkpoint.final", "transport.endpoint", "transport.workers", "transport.keys",
-                   "transport.sync_bucket_mb")
+                   "transport.sync_bucket_mb", "profile")
 # What `np.random.get_state()` pickles beyond plain values: one uint32 array.
 _NUMPY_RNG_GLOBALS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 

@@ -226,6 +226,43 @@ class LoggingConfig:
         return ("jsonl", *dict.fromkeys(s for s in names if s != "jsonl"))
 
 
+def parse_step_range(text: str, key: str = "profile.steps") -> tuple[int, int] | None:
+    """`"A-B"` (or `"A"`, one step) as (A, B): 1-based steps, A <= B; empty: None."""
+    text = text.strip()
+    if not text:
+        return None
+    first, sep, last = text.partition("-")
+    try:
+        bounds = (int(first), int(last) if sep else int(first))
+    except ValueError:
+        raise ValueError(f"{key}: expected steps as A-B or A (e.g. 3-5), got {text!r}") from None
+    if bounds[0] < 1:
+        raise ValueError(f"{key}: steps count from 1 (as in metrics.jsonl), got {text!r}")
+    if bounds[1] < bounds[0]:
+        raise ValueError(f"{key}: the range {text!r} ends before it starts")
+    return bounds
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler traces of chosen steps, and the per-step timeline of the run's stages."""
+
+    steps: str = param("", "record these steps with torch.profiler: A-B or A (1-based, as in metrics.jsonl; empty: "
+                       "none); one Chrome trace per rank, trace-rank{R}.json, for chrome://tracing or Perfetto")
+    dir: str = param("", "folder of the traces (empty: run_dir/profile)")
+    record_shapes: bool = param(False, "record the input shapes of every op (larger trace, slower steps)")
+    profile_memory: bool = param(False, "record tensor allocations (larger trace, slower steps)")
+    timeline: bool = param(True, "GRPO: write timeline.jsonl, the wall-clock spans of every step's stages and of "
+                           "the rollout's generation (a few lines per step); `medvl-engine report` draws it")
+
+    def __post_init__(self):
+        parse_step_range(self.steps)
+
+    @property
+    def step_range(self) -> tuple[int, int] | None:
+        return parse_step_range(self.steps)
+
+
 @dataclass
 class CheckpointConfig:
     """DeepSpeed checkpoints and the final Hugging Face export."""
@@ -254,6 +291,7 @@ class GRPOConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     steps: int = param(100, "GRPO steps to run")
     seed: int = param(0, "learner seed (python, numpy, torch)")
 
@@ -266,6 +304,10 @@ class GRPOConfig:
         if self.rollout.n < 2:
             raise ValueError(f"rollout.n={self.rollout.n}: the advantage of a group of one answer is always 0; "
                              "GRPO needs rollout.n >= 2")
+        steps = self.profile.step_range
+        if steps and steps[0] > self.steps:
+            raise ValueError(f"profile.steps {self.profile.steps}: the run has {self.steps} steps, none of them "
+                             "would be recorded")
 
 
 @dataclass
@@ -279,6 +321,7 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     epochs: int = param(5, "passes over the data")
     global_batch_size: int = param(16, "sequences per optimizer step over all ranks")
     max_tokens: int = param(4096, "longer examples are an error, not truncated")

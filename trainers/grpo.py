@@ -10,6 +10,10 @@ One step (`GRPOTrainer.step`):
     version += 1; sync.push(learner, version)         new weights reach the rollout backends
     metrics                                           reward, accuracy, format rate, KL, tokens/s
 
+Every stage is a named range (`medvl_engine.profiling.stage`); `--profile.steps 3-5` records those steps
+with torch.profiler (profile/trace-rank{R}.json), and every step's stages and the generation spans of
+its groups go to timeline.jsonl (`--no-profile.timeline`: off), drawn by `medvl-engine report`.
+
     medvl-engine grpo --model.path smollm2 --steps 4 --algo.prompts-per-step 4 --rollout.n 4
     torchrun --nproc_per_node 2 -m medvl_engine.cli grpo --config grpo.yaml --transport.endpoint tcp://0.0.0.0:5555
 """
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from medvl_engine import config as config_lib
+from medvl_engine.profiling import StepProfiler, Timeline, stage
 from medvl_engine.trainers.config import GRPOConfig
 from medvl_engine.trainers.learner import MicroBatch
 from medvl_engine.trainers.rollout_batch import RolloutBatch
@@ -58,13 +63,14 @@ def _logp_diff(learner_logp: torch.Tensor, engine_logp: torch.Tensor | None, mas
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: GRPOConfig, learner, source, sync, *, version: int = 0, step: int = 0):
+    def __init__(self, cfg: GRPOConfig, learner, source, sync, *, version: int = 0, step: int = 0, timeline=None):
         self.cfg = cfg
         self.learner = learner
         self.source = source
         self.sync = sync
         self.version = version
         self.step_index = step
+        self.timeline = timeline  # a profiling.Timeline: each step's stages and the groups' generation spans
         self.last_groups: list = []
 
     # -- the step -------------------------------------------------------------------------------------
@@ -73,25 +79,44 @@ class GRPOTrainer:
         from medvl_engine.kernels import group_advantages
 
         algo = self.cfg.algo
+        spans: list = []  # (stage, start, end) of this step on the learner, wall clock, for the timeline
         start = time.perf_counter()
-        groups = self.source.next(algo.prompts_per_step, self.version)
-        self.last_groups = groups
-        received = time.perf_counter()
-        self.source.release_memory()  # colocated: the engine's memory goes to the update
-        batch = RolloutBatch.from_groups(groups, max_prompt_tokens=self.cfg.rollout.max_prompt_tokens,
-                                         max_response_tokens=self.cfg.rollout.max_response_tokens,
-                                         processor=self.learner.processor)
-        advantages, constant = group_advantages(batch.rewards, batch.group_index, mode=algo.advantage,
-                                                eps=algo.epsilon)
-        minis = [self.micro_batches(batch, advantages, idx) for idx in batch.mini_batches(algo.mini_batches)]
-        diff = self.fill_logprobs(minis)
-        stats = [self.train_mini_batch(mini, first=k == 0) for k, mini in enumerate(minis)]
-        trained = time.perf_counter()
-        self.version += 1
-        self.step_index += 1
-        self.source.resume_memory()  # before the push: the engine loads the new weights into it
-        sync = self.sync.push(self.learner, self.version)
+        with stage("grpo_step"):
+            with stage("rollout_wait", spans):
+                groups = self.source.next(algo.prompts_per_step, self.version)
+            self.last_groups = groups
+            received = time.perf_counter()
+            with stage("collate", spans):
+                self.source.release_memory()  # colocated: the engine's memory goes to the update
+                batch = RolloutBatch.from_groups(groups, max_prompt_tokens=self.cfg.rollout.max_prompt_tokens,
+                                                 max_response_tokens=self.cfg.rollout.max_response_tokens,
+                                                 processor=self.learner.processor)
+                advantages, constant = group_advantages(batch.rewards, batch.group_index, mode=algo.advantage,
+                                                        eps=algo.epsilon)
+                minis = [self.micro_batches(batch, advantages, idx) for idx in batch.mini_batches(algo.mini_batches)]
+            with stage("logprobs", spans):
+                diff = self.fill_logprobs(minis)
+            with stage("update", spans):
+                stats = [self.train_mini_batch(mini, first=k == 0) for k, mini in enumerate(minis)]
+            trained = time.perf_counter()
+            self.version += 1
+            self.step_index += 1
+            with stage("weight_sync", spans):
+                self.source.resume_memory()  # before the push: the engine loads the new weights into it
+                sync = self.sync.push(self.learner, self.version)
+        self.write_timeline(spans)
         return self.metrics(batch, constant, stats, diff, sync, start=start, received=received, trained=trained)
+
+    def write_timeline(self, spans: list) -> None:
+        """This step's learner stages and the generation spans of the groups it drew (kept or dropped), per producer."""
+        generated = self.source.take_generation_spans()
+        if self.timeline is None:
+            return
+        self.timeline.write(self.step_index, "learner", spans)
+        for producer, start, end in generated:
+            who = producer if producer.startswith("rollout") else f"rollout-{producer}"
+            self.timeline.write(self.step_index, who, [("generate", start, end)])
+        self.timeline.flush()
 
     def micro_batches(self, batch: RolloutBatch, advantages: torch.Tensor, indices: np.ndarray) -> list:
         """This rank's share of one mini-batch, in micro-batches, each weighted by its share of the loss."""
@@ -134,10 +159,13 @@ class GRPOTrainer:
                         raise ValueError("algo.old_logp=engine but the rollout groups carry no engine log-probs")
                     pm.old_logp = pm.engine_logp
                 else:
-                    pm.old_logp = self.learner.response_logprobs(pm.micro, temperature=temperature)
+                    with stage("old_logprobs"):
+                        pm.old_logp = self.learner.response_logprobs(pm.micro, temperature=temperature)
                     diff += _logp_diff(pm.old_logp, pm.engine_logp, pm.micro.mask)
                 if algo.kl_coef > 0:
-                    pm.ref_logp = self.learner.response_logprobs(pm.micro, temperature=temperature, reference=True)
+                    with stage("ref_logprobs"):
+                        pm.ref_logp = self.learner.response_logprobs(pm.micro, temperature=temperature,
+                                                                     reference=True)
         return diff
 
     def train_mini_batch(self, mini: list[PolicyMicroBatch], *, first: bool = False) -> dict:
@@ -152,8 +180,9 @@ class GRPOTrainer:
         with_entropy = algo.entropy_coef > 0
         for pm in mini:
             mask = pm.micro.mask
-            out = learner.response_logprobs(pm.micro, temperature=self.cfg.rollout.temperature,
-                                            return_entropy=with_entropy)
+            with stage("forward"):
+                out = learner.response_logprobs(pm.micro, temperature=self.cfg.rollout.temperature,
+                                                return_entropy=with_entropy)
             logp, entropy = out if isinstance(out, tuple) else (out, None)
             advantages = pm.advantages
             if algo.tis_cap and pm.engine_logp is not None:
@@ -161,17 +190,20 @@ class GRPOTrainer:
                 # learner's old policy; weight each token by min(pi_old / pi_engine, cap).
                 tis = torch.exp(pm.old_logp - pm.engine_logp).clamp(max=algo.tis_cap) * mask
                 advantages = advantages[:, None] * tis
-            loss, metrics = policy_loss(logp, pm.old_logp, advantages, mask, ref_logp=pm.ref_logp,
-                                        clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef=algo.kl_coef,
-                                        kl_type=algo.kl_type, agg=algo.loss_agg, clip_ratio_c=algo.clip_ratio_c)
-            if algo.loss_agg == "seq-mean-token-sum-norm":
-                # The kernel divides by the padded width (prompt included); Dr. GRPO divides by a
-                # constant, the configured maximum answer length.
-                loss = loss * (logp.shape[-1] / self.cfg.rollout.max_response_tokens)
-            if entropy is not None:
-                loss = loss - algo.entropy_coef * (entropy * mask).sum() / mask.sum().clamp_min(1)
-            learner.backward(loss * pm.weight)
-            learner.step()
+            with stage("loss"):
+                loss, metrics = policy_loss(logp, pm.old_logp, advantages, mask, ref_logp=pm.ref_logp,
+                                            clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef=algo.kl_coef,
+                                            kl_type=algo.kl_type, agg=algo.loss_agg, clip_ratio_c=algo.clip_ratio_c)
+                if algo.loss_agg == "seq-mean-token-sum-norm":
+                    # The kernel divides by the padded width (prompt included); Dr. GRPO divides by a
+                    # constant, the configured maximum answer length.
+                    loss = loss * (logp.shape[-1] / self.cfg.rollout.max_response_tokens)
+                if entropy is not None:
+                    loss = loss - algo.entropy_coef * (entropy * mask).sum() / mask.sum().clamp_min(1)
+            with stage("backward"):
+                learner.backward(loss * pm.weight)
+            with stage("optimizer_step"):
+                learner.step()
             with torch.no_grad():
                 tokens = mask.sum().double()
                 zero = torch.zeros((), dtype=torch.float64, device=learner.device)
@@ -280,7 +312,7 @@ def build_source(cfg: GRPOConfig, learner, state: dict | None, feed=None):
             feed = build_transport_feed(cfg, source_state)
     source = OrderedSource(feed, rank=learner.rank, prompts_per_step=cfg.algo.prompts_per_step,
                            max_staleness=cfg.rollout.max_staleness, dynamic_sampling=cfg.rollout.dynamic_sampling,
-                           state=source_state)
+                           state=source_state, max_draw_factor=cfg.algo.max_draw_factor)
     if isinstance(feed, TransportFeed):
         feed.start_workers()  # after the source announced its window: a worker's Hello is answered with it
     return source
@@ -387,10 +419,15 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow
     history = []
     resume_step = trainer.step_index if resume else None
     rollouts = RolloutLog(run_dir, learner.rank, enabled=cfg.logging.rollouts, resume_step=resume_step)
+    trainer.timeline = Timeline(run_dir, learner.rank, resume_step=resume_step, enabled=cfg.profile.timeline)
+    profiler = StepProfiler.from_config(cfg.profile, run_dir, learner.rank)
     try:
-        with MetricsLog(run_dir, learner.rank, resume_step=resume_step, config=cfg) as log, rollouts:
+        with (MetricsLog(run_dir, learner.rank, resume_step=resume_step, config=cfg) as log, rollouts,
+              trainer.timeline, profiler):
             while trainer.step_index < cfg.steps:
+                profiler.begin(trainer.step_index + 1)
                 row = trainer.step()
+                profiler.end(row["step"])
                 history.append(row)
                 log.write(row)
                 rollouts.write(row["step"], trainer.last_groups)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from medvl_engine import config as config_lib
+from medvl_engine.profiling import StepProfiler, stage
 from medvl_engine.rollout.stream import epoch_order
 from medvl_engine.trainers.config import SFTConfig
 
@@ -119,6 +120,10 @@ class SFTTrainer:
         return [self.examples[i] for i in order[start : start + self.cfg.global_batch_size]]
 
     def train_step(self, step: int) -> dict:
+        with stage("sft_step"):
+            return self._train_step(step)
+
+    def _train_step(self, step: int) -> dict:
         from medvl_engine.trainers.learner import pad_sequences
         from medvl_engine.vision import batch_vision
 
@@ -139,10 +144,14 @@ class SFTTrainer:
                                   learner.tokenizer.pad_token_id)
             micro.vision = batch_vision([e.vision for e in chunk], micro.input_ids, self.image_token)
             micro = micro.to(learner.device)
-            logp = learner.response_logprobs(micro)
-            nll = -(logp * micro.mask).sum()
-            learner.backward(nll * scale)
-            learner.step()
+            with stage("forward"):
+                logp = learner.response_logprobs(micro)
+            with stage("loss"):
+                nll = -(logp * micro.mask).sum()
+            with stage("backward"):
+                learner.backward(nll * scale)
+            with stage("optimizer_step"):
+                learner.step()
             loss_sum += float(nll.detach())
         stats = torch.tensor([loss_sum], dtype=torch.float64)
         if learner.world_size > 1:
@@ -183,9 +192,12 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
     if learner.rank == 0:
         config_lib.save(cfg, run_dir / "config.yaml")
     history = []
-    with MetricsLog(run_dir, learner.rank, resume_step=start if resume else None, config=cfg) as log:
+    profiler = StepProfiler.from_config(cfg.profile, run_dir, learner.rank)
+    with MetricsLog(run_dir, learner.rank, resume_step=start if resume else None, config=cfg) as log, profiler:
         for step in range(start, steps):
+            profiler.begin(step + 1)
             row = trainer.train_step(step)
+            profiler.end(row["step"])
             history.append(row)
             log.write(row)
             if learner.rank == 0 and (step + 1) % cfg.logging.log_every == 0:

@@ -180,6 +180,7 @@ class OrderedSource:
         self.seqs: dict[str, int] = dict(state.get("seqs", {}))
         self._announced = WeightVersion(version=0, path="", window=self.position)
         self._buffer: dict[int, RolloutGroup | RolloutError] = {}
+        self._generated: list[tuple[str, float, float]] = []  # (producer, started, finished) since the last take
         if rank == 0:
             self.feed.seek(self.position)
             # Before any worker says Hello: a worker is told the window with its first Credit.
@@ -199,6 +200,8 @@ class OrderedSource:
                 msg = self._take(self.position)
                 self.position += 1
                 self.seqs[msg.producer] = msg.seq + 1
+                if isinstance(msg, RolloutGroup) and msg.finished:
+                    self._generated.append((msg.producer, msg.started, msg.finished))
                 if isinstance(msg, RolloutError):
                     self.stats.errors += 1
                     self.stats.error_reasons.append(f"{msg.prompt_id}: {msg.reason}")
@@ -259,6 +262,12 @@ class OrderedSource:
             self._buffer[msg.position] = msg
             deadline = time.monotonic() + self.timeout
         return self._buffer.pop(position)
+
+    def take_generation_spans(self) -> list[tuple[str, float, float]]:
+        """`(producer, started, finished)` (wall clock) of every group drawn since the last call, kept or
+        dropped, for the run's timeline (on rank 0; empty elsewhere)."""
+        spans, self._generated = self._generated, []
+        return spans
 
     def announce(self, update: WeightVersion) -> None:
         """New weights (from the weight sync): passed on with the current window."""

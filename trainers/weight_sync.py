@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from medvl_engine.profiling import stage
 from medvl_engine.transport.messages import WeightVersion
 
 
@@ -40,12 +41,14 @@ class MemorySync:
         start = time.perf_counter()
         nbytes = 0
         tensors: list[tuple[str, torch.Tensor]] = []
-        for bucket in learner.full_parameters(self.bucket_bytes):
-            tensors.extend(bucket)
-            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        with stage("weight_sync/gather"):
+            for bucket in learner.full_parameters(self.bucket_bytes):
+                tensors.extend(bucket)
+                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
         if learner.rank == 0:
             for backend in self.backends:
-                self.run(_update_from_tensors(backend, tensors, version))
+                with stage("weight_sync/load"):
+                    self.run(_update_from_tensors(backend, tensors, version))
         return {"sync_seconds": time.perf_counter() - start, "sync_bytes": nbytes}
 
 
@@ -74,7 +77,8 @@ class DiskSync:
         start = time.perf_counter()
         target = self.path(version)
         partial = target.with_name(target.name + ".partial")
-        export_hf(learner, partial)
+        with stage("weight_sync/export"):
+            export_hf(learner, partial)
         nbytes = 0
         if learner.rank == 0:
             # A worker never sees a half-written folder: rename after the last file is written.
@@ -138,11 +142,12 @@ class DistributedSync:
             shapes = [list(t.shape) for _, t in bucket]
             futures = [self.pool.submit(self.run, engine.update_weights_from_distributed(
                 names, dtypes, shapes, version, self.group_name)) for engine in self.engines]
-            for _, tensor in bucket:
-                dist.broadcast(tensor.contiguous(), src=0, group=self.group)
-                nbytes += tensor.numel() * tensor.element_size()
-            for f in futures:
-                f.result()
+            with stage("weight_sync/broadcast"):
+                for _, tensor in bucket:
+                    dist.broadcast(tensor.contiguous(), src=0, group=self.group)
+                    nbytes += tensor.numel() * tensor.element_size()
+                for f in futures:
+                    f.result()
         return {"sync_seconds": time.perf_counter() - start, "sync_bytes": nbytes}
 
 

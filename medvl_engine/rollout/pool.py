@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medvl_engine.profiling import stage
 from medvl_engine.rollout.backend import Backend
 from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams
 from medvl_engine.transport.messages import RolloutGroup
@@ -63,6 +64,8 @@ class ScoredGroup:
     parsed: list[str]  # the extracted answer of each answer (the parser mode's extraction, not lowered)
     weight_version: int  # the oldest policy version among the answers
     attempts: int = 1
+    started: float = 0.0  # wall clock (time.time()) when its successful attempt started, for the run's timeline
+    finished: float = 0.0  # ... and when it was scored
 
     def __post_init__(self):
         n = len(self.completions)
@@ -342,8 +345,10 @@ class RolloutPool:
                 assert index is not None
                 self._load[index] += 1
             backend = self.backends[index]
+            started = time.time()
             try:
-                completions = await asyncio.wait_for(backend.generate(request, self.params), self.timeout_s)
+                with stage("generate"):
+                    completions = await asyncio.wait_for(backend.generate(request, self.params), self.timeout_s)
                 if len(completions) != self.params.n:
                     raise RuntimeError(f"returned {len(completions)} completions, expected n={self.params.n}")
             except TimeoutError:
@@ -357,7 +362,10 @@ class RolloutPool:
                 continue
             finally:
                 self._load[index] -= 1
-            return self._score(request, completions, attempt)
+            with stage("score"):
+                group = self._score(request, completions, attempt)
+            group.started, group.finished = started, time.time()
+            return group
         return FailedPrompt(request, errors[-1], attempts=len(errors), errors=tuple(errors))
 
     def _score(self, request: PromptRequest, completions: list[Completion], attempts: int) -> ScoredGroup:
@@ -432,6 +440,8 @@ def to_message(group: ScoredGroup, producer: str, seq: int) -> RolloutGroup:
         position=request.position,
         seed=request.seed,
         images=request.images,
+        started=group.started,
+        finished=group.finished,
     )
 
 

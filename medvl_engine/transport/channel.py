@@ -94,6 +94,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from medvl_engine.profiling import stage
 from medvl_engine.transport.keys import KEYS_HINT, curve_folder, load_client_keys, load_server_keys
 from medvl_engine.transport.messages import (
     Credit,
@@ -316,28 +317,30 @@ class GroupSender:
                              f"the stream is at {self._next_seq} (regenerate from next_seq after a restart)")
         auto = msg.seq == AUTO_SEQ
         msg.seq = self._next_seq
-        payload = encode(msg)
-        if self._max_message_bytes and len(payload) > self._max_message_bytes:
-            if auto:
-                msg.seq = AUTO_SEQ
-            raise ValueError(f"GroupSender {self.producer_id!r}: message {msg.prompt_id!r} is {len(payload)} bytes, "
-                             f"over the {self._max_message_bytes} bytes the receiver at {self.endpoint} reads")
-        # Look for credits and announcements when the credit runs low (below a quarter window; Credits come
-        # every quarter window) or every 8th send, not on every send: each look is a syscall and a zmq.Again.
-        if self._limit - self._next_seq <= self._low_credit or not self.stats.sent & 7:
-            self._drain()
-        if self._next_seq >= self._limit:
-            started = time.perf_counter()
-            self.stats.credit_waits += 1
-            while self._next_seq >= self._limit:
-                try:
-                    self._wait_input(deadline, timeout, f"credit for seq {self._next_seq} (limit {self._limit})")
-                except TimeoutError:
-                    if auto:
-                        msg.seq = AUTO_SEQ
-                    raise
-            self.stats.credit_wait_s += time.perf_counter() - started
-        self._sock.send(payload, copy=False)
+        with stage("send"):  # encoding, waiting for credit, handing the frame to libzmq
+            payload = encode(msg)
+            if self._max_message_bytes and len(payload) > self._max_message_bytes:
+                if auto:
+                    msg.seq = AUTO_SEQ
+                raise ValueError(f"GroupSender {self.producer_id!r}: message {msg.prompt_id!r} is {len(payload)} "
+                                 f"bytes, over the {self._max_message_bytes} bytes the receiver at {self.endpoint} "
+                                 "reads")
+            # Look for credits and announcements when the credit runs low (below a quarter window; Credits come
+            # every quarter window) or every 8th send, not on every send: each look is a syscall and a zmq.Again.
+            if self._limit - self._next_seq <= self._low_credit or not self.stats.sent & 7:
+                self._drain()
+            if self._next_seq >= self._limit:
+                started = time.perf_counter()
+                self.stats.credit_waits += 1
+                while self._next_seq >= self._limit:
+                    try:
+                        self._wait_input(deadline, timeout, f"credit for seq {self._next_seq} (limit {self._limit})")
+                    except TimeoutError:
+                        if auto:
+                            msg.seq = AUTO_SEQ
+                        raise
+                self.stats.credit_wait_s += time.perf_counter() - started
+            self._sock.send(payload, copy=False)
         self._next_seq += 1
         self.stats.sent += 1
         self.stats.max_outstanding = max(self.stats.max_outstanding, self._next_seq - self._consumed)
@@ -587,7 +590,8 @@ class GroupReceiver:
     def recv(self, timeout: float | None = None) -> StreamMessage:
         """The next message; `TimeoutError` when none arrives within `timeout` seconds."""
         if not self._ready:
-            self._wait(timeout)
+            with stage("receive"):  # waiting for the socket, decoding and admitting what arrived
+                self._wait(timeout)
         msg = self._ready.popleft()
         if isinstance(msg, SequenceGap):
             raise msg

@@ -119,6 +119,10 @@ class RolloutGroup(msgspec.Struct, tag="group"):
     position: int = -1  # the prompt's position in the PromptStream (same for every placement)
     seed: int = -1  # the sampling seed of that position (-1: none)
     images: list[ImageData] = []  # the prompt's images, in the order of their placeholders
+    # Wall clock (time.time(), the producer's machine) when its generation started and when it was scored;
+    # 0: not said. The learner's timeline.jsonl draws them.
+    started: float = 0.0
+    finished: float = 0.0
 
     @property
     def n(self) -> int:
@@ -167,6 +171,8 @@ class RolloutGroup(msgspec.Struct, tag="group"):
         position: int = -1,
         seed: int | None = None,
         images: Sequence = (),
+        started: float = 0.0,
+        finished: float = 0.0,
     ) -> RolloutGroup:
         n = len(response_ids)
         for name, seq_ in (("logprobs", logprobs), ("texts", texts), ("finish_reasons", finish_reasons),
@@ -195,6 +201,8 @@ class RolloutGroup(msgspec.Struct, tag="group"):
             position=int(position),
             seed=-1 if seed is None else int(seed),
             images=[im if isinstance(im, ImageData) else ImageData.from_pil(im) for im in images],
+            started=float(started),
+            finished=float(finished),
         )
 
     def image_list(self) -> list:
