@@ -365,8 +365,9 @@ def plot_timeline(spans: list[dict], path: str | Path, *, title: str = "") -> Ti
         if i % every == 0:
             label = f"{step}" if every > 1 or step not in overlap.per_step else \
                 f"{step}: {overlap.per_step[step]:.0%}"
-            ax.text(begin, top + 0.08, label, fontsize=7, va="bottom")
+            ax.text(begin, top + 0.08, label, fontsize=7, va="bottom", clip_on=True)
     ax.set_ylim(-0.6, len(lanes) - 0.1)
+    _skip_startup(ax, spans, y=len(lanes) - 1)
     ax.set_xlabel("seconds since the run started")
     ax.grid(axis="x", alpha=0.3)
     handles = [Patch(color=c, label=name) for name, c in LEARNER_STAGES.items()]
@@ -379,6 +380,23 @@ def plot_timeline(spans: list[dict], path: str | Path, *, title: str = "") -> Ti
     path = Path(path)
     fig.savefig(path, dpi=100)
     return overlap
+
+
+def _skip_startup(ax, spans: list[dict], *, y: float) -> None:
+    """A first step that waited most of the run for its groups (rollout workers loading the model) would
+    squeeze every other step into the picture's edge: the axis then starts shortly before that wait ends,
+    and the lane says how long it was."""
+    waits = [s for s in spans if s["who"] == "learner" and s["stage"] == "rollout_wait"]
+    end = max(s["end"] for s in spans)
+    if len(waits) < 2 or waits[0]["end"] - waits[0]["start"] < 0.5 * end:
+        return
+    first = waits[0]
+    rest = end - first["end"]
+    later = [s["start"] for s in spans if s is not first and s["start"] > first["start"]]
+    left = min([first["end"] - 0.1 * rest, *later])
+    ax.set_xlim(left - 0.02 * rest, end + 0.02 * rest)
+    ax.text(left - 0.015 * rest, y, f"step {first['step']} waited {first['end'] - first['start']:.1f} s for its "
+            "first groups", fontsize=7, va="center", color="white", clip_on=True)
 
 
 def _count(groups: int, who: str) -> str:
