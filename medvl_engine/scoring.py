@@ -1,6 +1,6 @@
 """`medvl-engine score`: grade a file of model answers against a dataset and print the accuracy table.
 
-    medvl-engine score answers.jsonl --dataset UCSC-VLAA/MedVLThinker-Eval --mode regrade --output scored.jsonl
+    medvl-engine score answers.jsonl --source UCSC-VLAA/MedVLThinker-Eval --mode regrade --output scored.jsonl
 
 The answers file is jsonl in either layout, line by line:
 - ``{"dataset_index": 12, "response": "<think> ... </think>\\n<answer> B </answer>"}``, or
@@ -206,8 +206,8 @@ class ScoreConfig:
 
     answers: str = param(help="jsonl of {dataset_index, response} lines or MedVLThinker's eval_results.jsonl",
                          positional=True)
-    dataset: str = param("bundled", "the questions: `bundled`, a .jsonl or .parquet file, a save_to_disk folder or "
-                         "a hub name")
+    source: str = param("bundled", "the questions: `bundled`, a .jsonl or .parquet file, a save_to_disk folder or "
+                        "a hub name (the same spelling as `--data.source` of the other commands)")
     split: str = param("test", "split of a hub dataset or a saved DatasetDict")
     skip_invalid: bool = param(False, "drop dataset rows that do not fit, and list them")
     mode: Literal["reward", "eval", "regrade"] = param(
@@ -234,10 +234,10 @@ def main(args: argparse.Namespace) -> int:
     args = config_lib.from_args(ScoreConfig, args)
     threads = args.threads or None
     try:
-        if args.dataset == "bundled":
+        if args.source == "bundled":
             samples = load_bundled(skip_invalid=args.skip_invalid)
         else:
-            samples = load_samples(args.dataset, split=args.split, skip_invalid=args.skip_invalid)
+            samples = load_samples(args.source, split=args.split, skip_invalid=args.skip_invalid)
         if samples.skipped:
             print(samples.skipped_summary(), file=sys.stderr)
         scored = score_answers(read_answers(args.answers), samples, mode=args.mode, threads=threads,

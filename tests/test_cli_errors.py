@@ -80,7 +80,7 @@ def test_a_hub_name_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch, ca
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
     start = time.monotonic()
-    assert cli(["score", ANSWERS, "--dataset", "someone/no-such-set"]) == 2
+    assert cli(["score", ANSWERS, "--source", "someone/no-such-set"]) == 2
     assert time.monotonic() - start < 10
     line = _one_error_line(capsys, "score")
     assert "someone/no-such-set[test]" in line and "cannot be reached" in line and "HF_HUB_OFFLINE=1" in line

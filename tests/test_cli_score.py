@@ -194,17 +194,17 @@ def test_bad_dataset_and_skip_invalid(tmp_path, capsys):
         row["images"] = []  # the copy lives away from the bundled images
     dataset = _write(tmp_path / "questions.jsonl", rows)
     answers = _write(tmp_path / "answers.jsonl", [{"dataset_index": 0, "response": "B"}])
-    assert cli(["score", answers, "--dataset", dataset]) == 2
+    assert cli(["score", answers, "--source", dataset]) == 2
     err = capsys.readouterr().err
     assert "error: questions.jsonl: row 1 (line 2): field 'answer_label': 'Z' is not among the options" in err
 
-    assert cli(["score", answers, "--dataset", dataset, "--skip-invalid"]) == 0
+    assert cli(["score", answers, "--source", dataset, "--skip-invalid"]) == 0
     captured = capsys.readouterr()
     assert "questions.jsonl: skipped 1 of 37 rows (row 1: field 'answer_label'" in captured.err
     assert "scored 1 responses to 1 of 36 questions of questions.jsonl" in captured.out
 
     answers = _write(tmp_path / "answers.jsonl", [{"dataset_index": 1, "response": "B"}])
-    assert cli(["score", answers, "--dataset", dataset, "--skip-invalid"]) == 2
+    assert cli(["score", answers, "--source", dataset, "--skip-invalid"]) == 2
     assert "line 1: dataset_index 1 is not in questions.jsonl (36 questions)" in capsys.readouterr().err
 
 
@@ -224,7 +224,7 @@ def test_score_command_in_a_subprocess(tmp_path):
 
 def test_hub_dataset_unreachable_is_a_clear_error():
     # Offline mode makes the hub lookup fail at once instead of retrying the network for ~25 s.
-    result = _medvl_engine("score", str(bundled_answers_path()), "--dataset", "UCSC-VLAA/MedVLThinker-Eval",
+    result = _medvl_engine("score", str(bundled_answers_path()), "--source", "UCSC-VLAA/MedVLThinker-Eval",
                            HF_HUB_OFFLINE="1")
     assert result.returncode == 2
     assert result.stderr.startswith(

@@ -1,6 +1,6 @@
 """WorkerProcess: start a rollout worker as a subprocess, watch it, restart it a bounded number of times.
 
-    worker = WorkerProcess(["--model", path, "--dataset", "bundled", "--connect", endpoint,
+    worker = WorkerProcess(["--model", path, "--data.source", "bundled", "--connect", endpoint,
                             "--producer-id", "worker-0"], max_restarts=3)
     worker.start()
     worker.wait()          # returns 0 when the worker finished; raises WorkerDied when it keeps dying
