@@ -69,6 +69,17 @@ def volatile_settings(cfg, volatile: tuple[str, ...]) -> tuple[str, ...]:
     return volatile if cfg.rollout.backend == "hf" else (*volatile, "rollout.max_batch")
 
 
+def check_model_and_output(cfg, *, check_model: bool = True) -> None:
+    """What can be checked before the questions load (a hub dataset takes seconds): the model folder
+    exists (unless backends were given) and `--output` is not a file."""
+    from medvl_engine.models import resolve_model_path
+
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise ValueError(f"--output {cfg.output}: is a file; give a run folder (created, or resumed)")
+    if check_model:
+        resolve_model_path(cfg.model)
+
+
 def open_checked_run(cfg, command: str, volatile: tuple[str, ...], *, check_model: bool = True) -> dict:
     """The run folder of an eval or pass-rate run, opened once its inputs are known good: the model resolves
     (unless backends were given) and the data has loaded. Only then may `--overwrite` remove an earlier run."""
@@ -125,8 +136,9 @@ def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[Run
     from medvl_engine.evals.runner import build_backends, interrupted, shutdown
     from medvl_engine.rollout.stream import load_data
 
-    questions = load_data(cfg.data)
     owned = backends is None
+    check_model_and_output(cfg, check_model=owned)
+    questions = load_data(cfg.data)
     open_checked_run(cfg, "eval", VOLATILE, check_model=owned)
     if owned:
         backends, renderer = build_backends(cfg.rollout, cfg.model, questions)

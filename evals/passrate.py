@@ -30,7 +30,7 @@ import numpy as np
 
 from medvl_engine import config as config_lib
 from medvl_engine.config import param
-from medvl_engine.evals.evaluate import check_generation_config, open_checked_run
+from medvl_engine.evals.evaluate import check_generation_config, check_model_and_output, open_checked_run
 from medvl_engine.evals.runner import RunStats
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
 from medvl_engine.rollout.pool import run_to_end
@@ -137,8 +137,9 @@ def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunS
     from medvl_engine.evals.runner import build_backends, generate_into, interrupted, shutdown
     from medvl_engine.rollout.stream import load_data
 
-    questions = load_data(cfg.data)
     owned = backends is None
+    check_model_and_output(cfg, check_model=owned)
+    questions = load_data(cfg.data)
     open_checked_run(cfg, "passrate", VOLATILE, check_model=owned)
     if owned:
         backends, renderer = build_backends(cfg.rollout, cfg.model, questions)

@@ -43,6 +43,26 @@ def test_a_model_path_that_does_not_exist_says_so(tmp_path, capsys):
     assert f"{tmp_path / 'no-model'}" in line and "does not exist" in line
 
 
+def test_a_wrong_model_fails_before_a_hub_dataset_is_looked_up(tmp_path, capsys, monkeypatch):
+    import medvl_engine.rollout.stream as stream
+
+    def no_load(cfg):
+        raise AssertionError("the data loaded before the model was checked")
+
+    monkeypatch.setattr(stream, "load_data", no_load)
+    for command in ("eval", "passrate"):
+        assert cli([command, "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "run")]) == 2
+        assert "does not exist" in _one_error_line(capsys, command)
+
+
+def test_an_output_that_is_a_file_says_so(tmp_path, capsys):
+    output = tmp_path / "results.txt"
+    output.write_text("mine\n")
+    assert cli(["eval", "--model", "smollm2", "--data.source", "bundled", "--output", str(output)]) == 2
+    assert f"--output {output}: is a file" in _one_error_line(capsys, "eval")
+    assert output.read_text() == "mine\n"
+
+
 def test_answers_that_are_not_utf8_name_the_file(tmp_path, capsys):
     answers = tmp_path / "answers.jsonl"
     answers.write_bytes(b'{"dataset_index": 0, "response": "caf\xe9"}\n')
