@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +36,8 @@ from typing import Literal
 import numpy as np
 
 from medvl_engine.config import param
+
+logger = logging.getLogger(__name__)
 
 ORDERS = ("easy_to_hard", "hard_to_easy", "shuffled")
 RESULTS_NAME = "results.jsonl"
@@ -362,7 +364,6 @@ def main(args: argparse.Namespace) -> int:
     result = curate(cfg)
     print(format_summary(result, cfg))
     if not result.kept:
-        print(f"warning: no row has a pass count in {cfg.min_pass}..{cfg.max_pass}: the dataset written is empty",
-              file=sys.stderr)
-    print(f"wrote {cfg.output}/dataset (save_to_disk) and {cfg.output}/data.parquet")
+        logger.warning("no row has a pass count in %s..%s: the dataset written is empty", cfg.min_pass, cfg.max_pass)
+    logger.info("wrote %s/dataset (save_to_disk) and %s/data.parquet", cfg.output, cfg.output)
     return 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,8 @@ from medvl_engine.config import param
 from medvl_engine.evals.runner import RunStats
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
 from medvl_engine.rollout.pool import run_to_end
+
+logger = logging.getLogger(__name__)
 
 # Settings that may differ between attempts of one run. Not `rollout.max_batch` with the hf backend: its
 # batches are padded together, so greedy answers depend on which questions share a generate call.
@@ -121,7 +123,7 @@ async def _generate_repeats(cfg: EvalConfig, questions, backends, renderer) -> l
     for k in range(cfg.repeats):
         results = ResultsFile(Path(cfg.output) / f"v{k}" / "results.jsonl")
         stats = await generate_into(results, questions, backends, renderer, cfg.rollout, mode="eval",
-                                    seed_offset=k, label=f"eval v{k}: ")
+                                    seed_offset=k, label=f"eval v{k}")
         out.append(stats)
     return out
 
@@ -170,12 +172,11 @@ def main(args: argparse.Namespace) -> int:
     stats, markdown = evaluate(cfg)
     print(markdown)
     for k, s in enumerate(stats):
-        print(f"v{k}: {s.written} answered, {s.skipped} already done, {len(s.failed)} failed; "
-              f"{s.questions_per_s:.2f} questions/s, {s.tokens_per_s:.0f} generated tokens/s", file=sys.stderr)
+        logger.info("v%d: %d answered, %d already done, %d failed; %.2f questions/s, %.0f generated tokens/s", k,
+                    s.written, s.skipped, len(s.failed), s.questions_per_s, s.tokens_per_s)
         for index, reason in s.failed[:10]:
-            print(f"  dataset_index {index} failed: {reason}", file=sys.stderr)
+            logger.error("v%d: dataset_index %s failed: %s", k, index, reason)
     if any(s.failed for s in stats):
-        print("some questions failed; run the same command again to retry them (finished ones are kept)",
-              file=sys.stderr)
+        logger.error("some questions failed; run the same command again to retry them (finished ones are kept)")
         return 1
     return 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,8 @@ from medvl_engine.evals.evaluate import check_generation_config, check_model_and
 from medvl_engine.evals.runner import RunStats
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
 from medvl_engine.rollout.pool import run_to_end
+
+logger = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.jsonl"
 # As eval's: `rollout.max_batch` is part of an hf run's identity (seeded samples depend on batch padding too).
@@ -148,7 +150,7 @@ def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunS
         stopped = False
         try:
             return await generate_into(ResultsFile(Path(cfg.output) / RESULTS_NAME), questions, backends, renderer,
-                                       cfg.rollout, mode="eval", label="passrate: ")
+                                       cfg.rollout, mode="eval", label="passrate")
         except asyncio.CancelledError:
             # Ctrl-C (asyncio.run cancels this task): finished questions are on disk; a backend's generate
             # call still running in its thread is not waited for.
@@ -171,11 +173,11 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_lib.from_args(PassrateConfig, args)
     stats, text = estimate(cfg)
     print(text)
-    print(f"{stats.written} answered, {stats.skipped} already done, {len(stats.failed)} failed; "
-          f"{stats.questions_per_s:.2f} questions/s, {stats.tokens_per_s:.0f} generated tokens/s", file=sys.stderr)
+    logger.info("%d answered, %d already done, %d failed; %.2f questions/s, %.0f generated tokens/s", stats.written,
+                stats.skipped, len(stats.failed), stats.questions_per_s, stats.tokens_per_s)
     if stats.failed:
         for index, reason in stats.failed[:10]:
-            print(f"  dataset_index {index} failed: {reason}", file=sys.stderr)
-        print("some questions failed; run the same command again to retry them", file=sys.stderr)
+            logger.error("dataset_index %s failed: %s", index, reason)
+        logger.error("some questions failed; run the same command again to retry them")
         return 1
     return 0

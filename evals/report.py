@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -35,6 +36,8 @@ from medvl_engine.evals.manifest import MANIFEST_NAME, read_manifest
 from medvl_engine.evals.metrics import MODES, Summary, summarize
 from medvl_engine.evals.results import read_records
 from medvl_engine.tables import BENCHMARKS, AccuracyTable, DatasetAccuracy, comparison_markdown
+
+logger = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.jsonl"
 METRIC_TITLES = {"pass_at_n": "pass@{n}", "majority_at_n": "majority@{n}", "no_parse": "no-parse %"}
@@ -495,7 +498,8 @@ def main(args: argparse.Namespace) -> int:
         if is_training_run(run):
             print(write_training_report(run))
             drawn = [CURVES_NAME] + ([TIMELINE_PNG] if read_timeline(run) else [])
-            print(f"wrote {Path(run) / 'report.md'} and {' and '.join(str(Path(run) / name) for name in drawn)}\n")
+            logger.info("wrote %s and %s", Path(run) / "report.md",
+                        " and ".join(str(Path(run) / name) for name in drawn))
     if len(evals) == 1:
         markdown, _ = write_run_report(evals[0])
         print(markdown)

@@ -23,6 +23,7 @@ from pathlib import Path
 import msgspec
 
 from medvl_engine.evals.results import ResultsFile
+from medvl_engine.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ async def generate_into(
     `rollout` (a RolloutConfig) gives the sampling and the pool's bounds; sampling runs seed each
     position with `rollout.seed + seed_offset` (repeat k of an evaluation), greedy runs carry no seed.
     `mode` is the parser that fills `is_correct` (eval, as MedVLThinker grades evaluations and pass counts).
+    Progress (questions done of all, answers/s, ETA) goes to stderr under `label`, a line at most every
+    `progress_every_s` when stderr is not a terminal (0: none; see medvl_engine.progress).
     """
     from medvl_engine.profiling import stage
     from medvl_engine.rollout.pool import FailedPrompt, RolloutPool
@@ -138,22 +141,23 @@ async def generate_into(
                           max_prompt_tokens=rollout.max_prompt_tokens,
                           skip=lambda position: samples[position].dataset_index in done)
     pool = RolloutPool.from_config(backends, stream.requests(), rollout, logprobs=False, score_mode=mode)
-    start = last = time.perf_counter()
-    with stage("eval_generate"):  # the whole pass; the pool marks each group's generate and score
+    bar = Progress(stats.questions, label or mode, unit="question", initial=stats.skipped,
+                   enabled=progress_every_s > 0, interval_s=progress_every_s)
+    start = time.perf_counter()
+    with stage("eval_generate"), bar:  # the whole pass; the pool marks each group's generate and score
         try:
             async for item in pool.stream():
                 if isinstance(item, FailedPrompt):
                     stats.failed.append((item.request.sample.dataset_index, item.reason))
+                    bar.update(1)
                     continue
                 results.append(make_record(item, mode))
                 stats.written += 1
                 stats.tokens += item.num_tokens
-                now = time.perf_counter()
-                if progress_every_s and now - last >= progress_every_s:
-                    last = now
-                    finished = stats.skipped + stats.written
-                    logger.info("%s%d/%d questions, %.2f q/s, %.0f tok/s", label, finished, stats.questions,
-                                stats.written / (now - start), stats.tokens / (now - start))
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(f"{stats.written * rollout.n / elapsed:.2f} answers/s, "
+                                f"{stats.tokens / elapsed:.0f} tok/s")
+                bar.update(1)
         finally:
             stats.seconds = time.perf_counter() - start
             results.close()

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medvl_engine.config import param
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -171,10 +174,9 @@ def run(cfg: BenchConfig) -> dict:
                 results.append({"name": name, "status": reason, "command": [], "seconds": 0.0, "output": "",
                                 "rows": []})
             else:
-                print(f"bench: {name} ...", file=sys.stderr, flush=True)
+                logger.info("bench: %s ...", name)
                 results.append(run_one(name, bench, folder, Path(scratch), quick=cfg.quick, timeout=cfg.timeout))
-            print(f"bench: {name}: {results[-1]['status']} ({results[-1]['seconds']:.1f} s)", file=sys.stderr,
-                  flush=True)
+            logger.info("bench: %s: %s (%.1f s)", name, results[-1]["status"], results[-1]["seconds"])
     env = environment()
     # The commit the scripts ran at (they run from the repository; this process may run elsewhere).
     env["commit"] = next((row["commit"] for r in results for row in r["rows"] if "commit" in row), env["commit"])
@@ -202,5 +204,5 @@ def main(args: argparse.Namespace) -> int:
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {output}")
+    logger.info("wrote %s", output)
     return 1 if any(r["status"].startswith("failed") for r in record["benchmarks"]) else 0

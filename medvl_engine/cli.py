@@ -7,6 +7,11 @@ DeepSpeed's or SGLang's import.
 Errors: a user's mistake (a bad setting, a missing file, unreadable input; `medvl_engine.errors`)
 prints one line `medvl-engine COMMAND: error: ...` and exits 2, Ctrl-C prints one line and exits 130;
 only a bug shows a traceback, unless `--debug` (before the command) or MEDVL_DEBUG=1 asks for every one.
+
+Logging: `--log-level debug|info|warning|error` (before the command; or MEDVL_LOG_LEVEL; default info)
+configures the one stderr handler (`medvl_engine.logs.configure`) before the command is imported; below
+debug the third-party libraries keep to errors and draw no progress bars. A command's result is the only
+thing on stdout.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import sys
 import threading
 
-from medvl_engine import __version__
+from medvl_engine import __version__, logs
 from medvl_engine.errors import UserError
 
 # name -> (module, one-line help)
@@ -48,6 +53,9 @@ def _top_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medvl-engine {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error (or MEDVL_DEBUG=1)")
+    parser.add_argument("--log-level", choices=list(logs.LEVELS), default=logs.DEFAULT,
+                        help=f"messages on stderr from this level up; debug also lets the libraries' warnings and "
+                        f"progress bars through (or {logs.ENV}; default: %(default)s)")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
     return parser
 
@@ -105,9 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     own_process = argv is None  # the console script: this process ends when main returns
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("MEDVL_DEBUG", "") not in ("", "0")
-    while argv and argv[0] == "--debug":
-        debug, argv = True, argv[1:]
     top = _top_parser()
+    level = os.environ.get(logs.ENV) or logs.DEFAULT
+    level_from = logs.ENV
+    while argv and (argv[0] == "--debug" or argv[0].split("=")[0] == "--log-level"):
+        if argv[0] == "--debug":
+            debug, argv = True, argv[1:]
+        elif "=" in argv[0]:
+            level, level_from, argv = argv[0].split("=", 1)[1], "--log-level", argv[1:]
+        elif len(argv) > 1:
+            level, level_from, argv = argv[1], "--log-level", argv[2:]
+        else:
+            top.error("argument --log-level: expected one argument")
+    try:
+        level = logs.parse_level(level)
+    except ValueError:
+        top.error(f"{level_from}: invalid choice {level!r} (choose from {', '.join(logs.LEVELS)})")
     if not argv or argv[0].startswith("-"):
         top.parse_args(argv or ["--help"])
         return 0
@@ -115,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command {name!r} (choose from {', '.join(COMMANDS)})")
     cpu_defaults()
+    logs.configure(level)  # before the command's imports: transformers and datasets read their settings on load
     module_name, help_ = COMMANDS[name]
     try:
         module = importlib.import_module(module_name)

@@ -9,6 +9,7 @@ looser published-table rule is visible on one screen.
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 
 from medvl_engine.config import param
@@ -16,6 +17,8 @@ from medvl_engine.data import bundled_answers_path, load_bundled
 from medvl_engine.rewards import MODES
 from medvl_engine.scoring import read_answers, score_answers, summary_line, write_jsonl
 from medvl_engine.tables import comparison_markdown
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,5 +52,5 @@ def main(args: argparse.Namespace) -> int:
     print(f"{formatted} of {len(records)} responses pass the reward's format gate "
           "<think>...</think> <answer>...</answer>")
     if args.output:
-        print(f"wrote {write_jsonl(args.output, runs['regrade'].rows)}")
+        logger.info("wrote %s", write_jsonl(args.output, runs["regrade"].rows))
     return 0

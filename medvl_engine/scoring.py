@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from medvl_engine.config import param
 from medvl_engine.data import DataError, SampleSet, load_bundled, load_samples
 from medvl_engine.rewards import score_samples
 from medvl_engine.tables import AccuracyTable, accuracy_table
+
+logger = logging.getLogger(__name__)
 
 
 class AnswerFileError(ValueError):
@@ -239,7 +242,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             samples = load_samples(args.source, split=args.split, skip_invalid=args.skip_invalid)
         if samples.skipped:
-            print(samples.skipped_summary(), file=sys.stderr)
+            logger.warning("%s", samples.skipped_summary())
         scored = score_answers(read_answers(args.answers), samples, mode=args.mode, threads=threads,
                                source=args.answers)
     except (DataError, AnswerFileError) as exc:
@@ -248,9 +251,9 @@ def main(args: argparse.Namespace) -> int:
     print(summary_line(scored, samples.name))
     print(scored.table.to_markdown())
     if args.output:
-        print(f"wrote {write_jsonl(args.output, scored.rows)}")
+        logger.info("wrote %s", write_jsonl(args.output, scored.rows))
     if args.table_json:
         path = write_atomically(args.table_json, json.dumps({"mode": args.mode, **scored.table.to_dict()}, indent=2)
                                 + "\n")
-        print(f"wrote {path}")
+        logger.info("wrote %s", path)
     return 0

@@ -12,6 +12,7 @@ states of python, numpy and torch (CPU and every CUDA device) of each rank.
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +25,8 @@ try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
 except ImportError:
     from numpy.core.multiarray import _reconstruct
+
+logger = logging.getLogger(__name__)
 
 _TAG_PREFIX = "step_"
 CONFIG_NAME = "config.yaml"
@@ -117,13 +120,12 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool = Fals
 
     `resume` needs a complete checkpoint there and, when `config` (the run's settings as a dict) is given,
     the settings the folder was trained with: a change outside RESUME_VOLATILE is refused unless
-    `allow_changes` (then printed). A new run refuses a folder an earlier run used (its checkpoints,
+    `allow_changes` (then logged as a warning). A new run refuses a folder an earlier run used (its checkpoints,
     weights and logs would mix with this run's: checkpoint rotation would even delete the new run's
     checkpoints and keep the old one's) unless `overwrite`, which removes it only when medvl-engine wrote
     it (its config.yaml is there), and only on rank 0.
     """
     import os
-    import sys
 
     run_dir = Path(run_dir)
     if resume:
@@ -133,8 +135,8 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool = Fals
         if config is not None:
             changes = check_resume_settings(run_dir, config, allow_changes=allow_changes)
             if changes and int(os.environ.get("RANK", "0")) == 0:
-                print(f"--resume --allow-changes: continuing {run_dir} with changed settings: {'; '.join(changes)}",
-                      file=sys.stderr)
+                logger.warning("--resume --allow-changes: continuing %s with changed settings: %s", run_dir,
+                               "; ".join(changes))
         return
     used = [name for name in ("metrics.jsonl", "rollouts.jsonl", "checkpoints", "weights", "export")
             if (run_dir / name).exists()]

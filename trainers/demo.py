@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from pathlib import Path
 
 from medvl_engine import config as config_lib
 from medvl_engine.config import param
+
+logger = logging.getLogger(__name__)
 
 EVAL_COLUMNS = ("policy", "questions", "accuracy", "format", "reward", "answer_tokens", "seconds")
 
@@ -125,7 +128,7 @@ def _report(run_dir: Path) -> None:
     try:
         write_training_report(run_dir)
     except Exception as exc:  # a missing plotting package must not cost the run its table
-        print(f"(no curves for {run_dir}: {exc})", flush=True)
+        logger.warning("no curves for %s: %s", run_dir, exc)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -141,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
 
     demo = config_lib.from_args(DemoConfig, args)
     initial = resolve_model_path(demo.model)
-    print(f"policy: {demo.model} -> {initial}", flush=True)
+    logger.info("policy: %s -> %s", demo.model, initial)
     run_dir = Path(demo.run_dir)
     if (run_dir / "demo.json").exists():  # an earlier demo: start afresh (its weights would confuse the new run)
         shutil.rmtree(run_dir)

@@ -31,6 +31,7 @@ import torch
 
 from medvl_engine import config as config_lib
 from medvl_engine.profiling import StepProfiler, Timeline, stage
+from medvl_engine.progress import Progress
 from medvl_engine.trainers.config import GRPOConfig
 from medvl_engine.trainers.learner import MicroBatch
 from medvl_engine.trainers.rollout_batch import RolloutBatch
@@ -291,11 +292,12 @@ class GRPOTrainer:
                 "config": config_lib.to_dict(self.cfg)}
 
 
-def print_row(row: dict, header: bool) -> None:
+def table_row(row: dict, header: bool) -> str:
+    """The step's row of the printed table (with the column names and rule above it for the first)."""
     from medvl_engine.benchmarking import format_table
 
     lines = format_table([row], TABLE_COLUMNS).splitlines()
-    print("\n".join(lines if header else lines[2:]), flush=True)
+    return "\n".join(lines if header else lines[2:])
 
 
 def build_source(cfg: GRPOConfig, learner, state: dict | None, feed=None):
@@ -421,9 +423,10 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow
     rollouts = RolloutLog(run_dir, learner.rank, enabled=cfg.logging.rollouts, resume_step=resume_step)
     trainer.timeline = Timeline(run_dir, learner.rank, resume_step=resume_step, enabled=cfg.profile.timeline)
     profiler = StepProfiler.from_config(cfg.profile, run_dir, learner.rank)
+    bar = Progress(cfg.steps, "grpo", unit="step", initial=trainer.step_index, enabled=learner.rank == 0)
     try:
         with (MetricsLog(run_dir, learner.rank, resume_step=resume_step, config=cfg) as log, rollouts,
-              trainer.timeline, profiler):
+              trainer.timeline, profiler, bar):
             while trainer.step_index < cfg.steps:
                 profiler.begin(trainer.step_index + 1)
                 row = trainer.step()
@@ -431,8 +434,10 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow
                 history.append(row)
                 log.write(row)
                 rollouts.write(row["step"], trainer.last_groups)
+                bar.set_postfix(f"reward {row['reward']:.3f}")
+                bar.update(1)
                 if learner.rank == 0 and (row["step"] - 1) % cfg.logging.log_every == 0:
-                    print_row(row, header=len(history) == 1)
+                    bar.write(table_row(row, header=len(history) == 1))
                 if on_step:
                     on_step(trainer, row)
                 if cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0:

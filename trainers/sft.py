@@ -22,6 +22,7 @@ import torch
 
 from medvl_engine import config as config_lib
 from medvl_engine.profiling import StepProfiler, stage
+from medvl_engine.progress import Progress
 from medvl_engine.rollout.stream import epoch_order
 from medvl_engine.trainers.config import SFTConfig
 
@@ -193,16 +194,19 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
         config_lib.save(cfg, run_dir / "config.yaml")
     history = []
     profiler = StepProfiler.from_config(cfg.profile, run_dir, learner.rank)
-    with MetricsLog(run_dir, learner.rank, resume_step=start if resume else None, config=cfg) as log, profiler:
+    bar = Progress(steps, "sft", unit="step", initial=start, enabled=learner.rank == 0)
+    with MetricsLog(run_dir, learner.rank, resume_step=start if resume else None, config=cfg) as log, profiler, bar:
         for step in range(start, steps):
             profiler.begin(step + 1)
             row = trainer.train_step(step)
             profiler.end(row["step"])
             history.append(row)
             log.write(row)
+            bar.set_postfix(f"loss {row['loss']:.4f}")
+            bar.update(1)
             if learner.rank == 0 and (step + 1) % cfg.logging.log_every == 0:
-                print(f"sft step {row['step']}/{steps} loss {row['loss']:.4f} lr {row['lr']:.3g} "
-                      f"grad_norm {row['grad_norm']:.3g} ({row['seconds']:.1f}s)", flush=True)
+                bar.write(f"sft step {row['step']}/{steps} loss {row['loss']:.4f} lr {row['lr']:.3g} "
+                          f"grad_norm {row['grad_norm']:.3g} ({row['seconds']:.1f}s)")
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
                 checkpoint.save_checkpoint(learner, run_dir, step + 1, {"config": config_lib.to_dict(cfg)},
                                            keep=cfg.checkpoint.keep)

@@ -149,14 +149,6 @@ class StageRun:
         (self.folder / "summary.md").write_text(text)
 
 
-def progress(total: int | None, initial: int, desc: str, enabled: bool):
-    """A tqdm progress bar on stderr (a no-op object when disabled)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="row", disable=not enabled, dynamic_ncols=True,
-                mininterval=1.0)
-
-
 def reasons_table(kept: int, dropped: dict[str, int], title: str) -> str:
     """A markdown table: kept and each drop reason with its count and share of the rows seen."""
     total = kept + sum(dropped.values())

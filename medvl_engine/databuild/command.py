@@ -18,11 +18,13 @@ checkpoint and ends with the same files as an uninterrupted run; a finished stag
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 from medvl_engine import config as config_lib
 from medvl_engine.databuild.config import STAGES, BuildDataConfig, InputConfig
+
+logger = logging.getLogger(__name__)
 
 
 def stage_input(cfg: BuildDataConfig, stage: str) -> InputConfig:
@@ -77,11 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = config_lib.from_args(BuildDataConfig, args)
     for _, text in build_data(cfg):
         print(text)
-    print(f"outputs in {cfg.output}", file=sys.stderr)
+    logger.info("outputs in %s", cfg.output)
     return 0

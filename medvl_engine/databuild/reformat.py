@@ -43,10 +43,11 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from medvl_engine.databuild.checkpoint import StageRun, progress, reasons_table
+from medvl_engine.databuild.checkpoint import StageRun, reasons_table
 from medvl_engine.databuild.records import BadRow, CaptionRecord, count_rows, encode_line, read_records
 from medvl_engine.databuild.reformat_prompts import SCENARIOS, alignment_questions, reformat_prompt
 from medvl_engine.databuild.stage import drop, input_identity
+from medvl_engine.progress import Progress
 from medvl_engine.rollout.pool import run_to_end
 
 FAILED = "failed.jsonl"
@@ -282,7 +283,7 @@ class Reformatter:
                 else:
                     yield prepared
 
-        with progress(total, start, f"reformat (attempt {wave})", self.cfg.progress) as bar:
+        with Progress(total, f"reformat (attempt {wave})", unit="row", initial=start, enabled=self.cfg.progress) as bar:
             pool = RolloutPool.from_config(self.backends, requests(), rollout, logprobs=False, score=score_replies)
             pool_holder.append(pool)
             pool.set_window(cursor[0] + window)

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medvl_engine.config import to_dict
-from medvl_engine.databuild.checkpoint import StageRun, progress, reasons_table
+from medvl_engine.databuild.checkpoint import StageRun, reasons_table
 from medvl_engine.databuild.records import BadRow, CaptionRecord, count_rows, encode_line, read_records
+from medvl_engine.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def run_stage(stage: Stage, folder: Path, input_cfg, *, checkpoint_rows: int = 1
         kept, dropped = run.files[KEPT], run.files[DROPPED]
         rows_done = state.rows_done
         rows = read_records(input_cfg, images_dir=folder / "images", start=rows_done)
-        with progress(count_rows(input_cfg), rows_done, stage.name, show_progress) as bar:
+        with Progress(count_rows(input_cfg), stage.name, unit="row", initial=rows_done, enabled=show_progress) as bar:
             while batch := list(itertools.islice(rows, stage.batch_size)):
                 good = [r for _, r in batch if isinstance(r, CaptionRecord)]
                 decisions = iter(stage.decide(good) if good else [])

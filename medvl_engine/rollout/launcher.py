@@ -6,7 +6,8 @@
     worker.wait()          # returns 0 when the worker finished; raises WorkerDied when it keeps dying
 
 A restarted worker keeps its `--producer-id`, so it resumes the stream where the learner stands (see
-medvl_engine.rollout.worker). Each run's output goes to a log file whose tail is quoted in the error.
+medvl_engine.rollout.worker). Each run's output goes to a log file whose tail is quoted in the error; the
+worker logs at this process's level (`--log-level`, see medvl_engine.logs).
 
 The child's environment is this process's, plus `env`, plus `OMP_WAIT_POLICY=PASSIVE` unless either
 sets it: a worker shares its cores with the learner, and OpenMP threads that spin at every barrier
@@ -42,7 +43,11 @@ class WorkerProcess:
             raise ValueError(f"WorkerProcess {name}: max_restarts must be >= 0, got {max_restarts}")
         if restart_delay_s < 0:
             raise ValueError(f"WorkerProcess {name}: restart_delay_s must be >= 0, got {restart_delay_s}")
-        base = list(command) if command is not None else [sys.executable, "-m", "medvl_engine.cli", "rollout-worker"]
+        if command is None:
+            from medvl_engine import logs
+
+            command = [sys.executable, "-m", "medvl_engine.cli", "--log-level", logs.level_name(), "rollout-worker"]
+        base = list(command)
         self.argv = base + list(args)
         self.name = name
         self.max_restarts = max_restarts

@@ -86,7 +86,6 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from medvl_engine import config as config_lib
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = config_lib.from_args(WorkerConfig, args)
     return run(cfg)
 

@@ -25,7 +25,6 @@ import ipaddress
 import logging
 import os
 import stat
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import zmq.auth
 
 from medvl_engine.config import param
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 KEYS_ENV = "MEDVL_TRANSPORT_KEYS"
 SERVER, CLIENT = "server", "client"
@@ -149,7 +148,7 @@ def _load(path: Path, who: str, *, secret: bool) -> tuple[bytes, bytes | None]:
         if secret_key is None:
             raise ValueError(f"{who}: {path} holds no secret key ({KEYS_HINT})")
         if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            log.warning("%s: secret key file %s is readable by other users (chmod 600 it)", who, path)
+            logger.warning("%s: secret key file %s is readable by other users (chmod 600 it)", who, path)
     return public, secret_key
 
 
@@ -176,11 +175,7 @@ def main(args: argparse.Namespace) -> int:
     from medvl_engine import config as config_lib
 
     args = config_lib.from_args(KeysConfig, args)
-    try:
-        written = create_keys(args.folder, force=args.force)
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    written = create_keys(args.folder, force=args.force)  # an existing set: one error line (cli), exit 2
     for path in written:
         print(path)
     print(f"on every node: export {KEYS_ENV}={Path(args.folder).resolve()}")

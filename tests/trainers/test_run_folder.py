@@ -3,6 +3,8 @@ an earlier run used, and --overwrite removes only a folder medvl-engine wrote.""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from medvl_engine.trainers.checkpoint import prepare_run_dir
@@ -46,7 +48,7 @@ def _resumable(run, cfg):
     return run
 
 
-def test_resume_with_changed_settings_names_them_and_is_refused(tmp_path, capsys):
+def test_resume_with_changed_settings_names_them_and_is_refused(tmp_path, caplog):
     from medvl_engine import config as config_lib
     from medvl_engine.trainers.config import GRPOConfig, OptimConfig
 
@@ -60,12 +62,12 @@ def test_resume_with_changed_settings_names_them_and_is_refused(tmp_path, capsys
         assert change in message
     assert message.count("->") == 3
 
-    prepare_run_dir(run, resume=True, config=config_lib.to_dict(changed), allow_changes=True)
-    err = capsys.readouterr().err
-    assert "changed settings" in err and "optim.lr: 1e-06 -> 2e-06" in err
+    with caplog.at_level(logging.WARNING, logger="medvl_engine"):
+        prepare_run_dir(run, resume=True, config=config_lib.to_dict(changed), allow_changes=True)
+    assert "changed settings" in caplog.text and "optim.lr: 1e-06 -> 2e-06" in caplog.text
 
 
-def test_resume_may_run_longer_log_and_checkpoint_differently(tmp_path, capsys):
+def test_resume_may_run_longer_log_and_checkpoint_differently(tmp_path, caplog):
     from medvl_engine import config as config_lib
     from medvl_engine.trainers.config import CheckpointConfig, GRPOConfig, LoggingConfig, SFTConfig
 
@@ -73,8 +75,9 @@ def test_resume_may_run_longer_log_and_checkpoint_differently(tmp_path, capsys):
     longer = GRPOConfig(steps=8, logging=LoggingConfig(log_every=5, rollouts=False),
                         checkpoint=CheckpointConfig(every=2, keep=3, export=False))
     longer.transport.endpoint, longer.transport.workers = "ipc:///tmp/elsewhere.sock", 2
-    prepare_run_dir(run, resume=True, config=config_lib.to_dict(longer))
-    assert capsys.readouterr().err == ""
+    with caplog.at_level(logging.WARNING, logger="medvl_engine"):
+        prepare_run_dir(run, resume=True, config=config_lib.to_dict(longer))
+    assert caplog.records == []
 
     sft_run = _resumable(tmp_path / "sft", SFTConfig(max_steps=10))
     prepare_run_dir(sft_run, resume=True, config=config_lib.to_dict(SFTConfig(max_steps=20, epochs=8)))
