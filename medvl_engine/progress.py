@@ -9,6 +9,8 @@ On a terminal (stderr is a TTY) the bar redraws at most once a second. In a log 
 would be one line rewritten thousands of times; instead the `medvl_engine.progress` logger gets a start
 line, then `eval v0: 12/37 questions (32%), 1.45 questions/s, ETA 0:17` at most every `interval_s`
 (and a last line when the loop ends). MEDVL_PROGRESS=bar forces the bar, =log the lines, =off neither.
+With `heartbeat` (loops whose single units take long: a GRPO step, whose first one waits for the rollout
+workers to load the model) the line also comes every `interval_s` while no unit finishes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 
 logger = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ class Progress:
     """Counts `unit`s done of `total` (None: unknown), from `initial` (work a resumed run already did)."""
 
     def __init__(self, total: int | None, desc: str, *, unit: str = "it", initial: int = 0, enabled: bool = True,
-                 interval_s: float = 10.0, mode: str | None = None, clock=time.monotonic):
+                 interval_s: float = 10.0, mode: str | None = None, heartbeat: bool = False, clock=time.monotonic):
         self.total = total
         self.desc = desc
         self.unit = unit
@@ -67,6 +70,12 @@ class Progress:
         elif self.mode == "log":
             done = f"{initial}/{total}" if total is not None else str(initial)
             logger.info("%s: %s %ss done, starting", desc, done, unit)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat = None
+        if heartbeat and self.mode == "log" and interval_s > 0:
+            self._beat = threading.Thread(target=self._heartbeat, name=f"progress {desc}", daemon=True)
+            self._beat.start()
 
     # -- counting -------------------------------------------------------------------------------------
 
@@ -76,6 +85,11 @@ class Progress:
             self._bar.update(n)
         elif self.mode == "log" and self._clock() - self._last >= self.interval_s:
             self._log_line()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.interval_s / 4):
+            if self._clock() - self._last >= self.interval_s:
+                self._log_line()
 
     def set_postfix(self, text: str) -> None:
         """Extra figures after the rate (e.g. `4.1 answers/s`), shown with the next redraw or line."""
@@ -98,15 +112,17 @@ class Progress:
             text = f"{self.desc}: {self.n} {self.unit}s, "
         text += f"{rate:.2f} {self.unit}s/s"
         if self.total and self.n < self.total:
-            text += f", ETA {format_duration((self.total - self.n) / rate)}" if rate > 0 else ", ETA ?"
+            elapsed = format_duration(self._clock() - self._start)
+            text += f", ETA {format_duration((self.total - self.n) / rate)}" if rate > 0 else f", {elapsed} in, ETA ?"
         elif self.total:
             text += f", {format_duration(self._clock() - self._start)} in all"
         return text + (f", {self.postfix}" if self.postfix else "")
 
     def _log_line(self) -> None:
-        self._last = self._clock()
-        self._logged_n = self.n
-        logger.info("%s", self.line())
+        with self._lock:
+            self._last = self._clock()
+            self._logged_n = self.n
+            logger.info("%s", self.line())
 
     # -- output ---------------------------------------------------------------------------------------
 
@@ -119,6 +135,10 @@ class Progress:
             print(text, flush=True)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

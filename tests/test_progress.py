@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 
 import pytest
 
@@ -102,3 +103,13 @@ def test_the_bar_draws_on_stderr_and_rows_go_to_stdout(monkeypatch, capsys, line
 
 def test_durations_read_as_clock_times():
     assert [format_duration(s) for s in (0, 7.4, 65, 3600 + 62)] == ["0:00", "0:07", "1:05", "1:01:02"]
+
+
+def test_a_heartbeat_logs_while_one_long_unit_runs(lines):
+    clock = Clock()
+    with Progress(4, "grpo", unit="step", interval_s=0.2, mode="log", heartbeat=True, clock=clock):
+        clock.now += 30  # the first step waits for the rollout workers to load the model
+        deadline = time.monotonic() + 10
+        while len(lines()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert lines()[1] == "grpo: 0/4 steps (0%), 0.00 steps/s, 0:30 in, ETA ?"

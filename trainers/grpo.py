@@ -423,7 +423,8 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow
     rollouts = RolloutLog(run_dir, learner.rank, enabled=cfg.logging.rollouts, resume_step=resume_step)
     trainer.timeline = Timeline(run_dir, learner.rank, resume_step=resume_step, enabled=cfg.profile.timeline)
     profiler = StepProfiler.from_config(cfg.profile, run_dir, learner.rank)
-    bar = Progress(cfg.steps, "grpo", unit="step", initial=trainer.step_index, enabled=learner.rank == 0)
+    bar = Progress(cfg.steps, "grpo", unit="step", initial=trainer.step_index, enabled=learner.rank == 0,
+                   heartbeat=True)
     try:
         with (MetricsLog(run_dir, learner.rank, resume_step=resume_step, config=cfg) as log, rollouts,
               trainer.timeline, profiler, bar):

@@ -194,7 +194,7 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
         config_lib.save(cfg, run_dir / "config.yaml")
     history = []
     profiler = StepProfiler.from_config(cfg.profile, run_dir, learner.rank)
-    bar = Progress(steps, "sft", unit="step", initial=start, enabled=learner.rank == 0)
+    bar = Progress(steps, "sft", unit="step", initial=start, enabled=learner.rank == 0, heartbeat=True)
     with MetricsLog(run_dir, learner.rank, resume_step=start if resume else None, config=cfg) as log, profiler, bar:
         for step in range(start, steps):
             profiler.begin(step + 1)
