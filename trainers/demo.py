@@ -14,7 +14,8 @@ The questions are the 37 bundled ones with their images left out (SmolLM2 reads 
 trains and evaluates on the same questions: it shows the recipe moving the format rate and the
 reward of a small model, not a benchmark result. The run folder holds sft/ and grpo/ (config.yaml,
 metrics.jsonl, curves.png, report.md, the exported policy), eval-initial/ and eval-trained/, and
-demo.json with the final table.
+demo.json with the final table. Each phase shows its progress with rate and ETA on stderr (a bar on a
+terminal, a log line every 10 s otherwise); the step rows and the final table go to stdout.
 """
 
 from __future__ import annotations

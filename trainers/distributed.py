@@ -11,6 +11,8 @@ without a word).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
@@ -96,7 +98,13 @@ def init_distributed(backend: str = "") -> tuple[int, int]:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        # DeepSpeed prints "DeepSpeed ... built successfully" when it loads its CPU comm op: on stdout, between
+        # a command's result rows. It goes to the log instead (debug).
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        for line in printed.getvalue().splitlines():
+            logger.debug("deepspeed: %s", line)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
