@@ -93,7 +93,7 @@ def test_ctrl_c_stops_at_once_keeps_finished_answers_and_prints_one_line(tmp_pat
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == (f"medvl-engine {command}: interrupted: 3 answered questions kept in "
                                            f"{results_path}; run the same command again to resume")
-    assert [r["dataset_index"] for r in _lines(results_path)] == [0, 1, 2]
+    assert sorted(r["dataset_index"] for r in _lines(results_path)) == [0, 1, 2]  # in the order they finished
 
     rerun = _launch(tmp_path, command, {"FAST": "1"})
     out, err = rerun.communicate(timeout=120)
