@@ -67,7 +67,10 @@ def load_repeats(folder: str | Path) -> list[list[dict]]:
 
 
 def model_name(manifest: dict) -> str:
-    return manifest.get("identity", {}).get("engine", {}).get("model", "") or "?"
+    """The model an eval run folder names: `identity.run.model` (evals.evaluate.sections), or `engine.model`
+    in folders written before the settings were grouped that way."""
+    identity = manifest.get("identity", {})
+    return identity.get("run", {}).get("model", "") or identity.get("engine", {}).get("model", "") or "?"
 
 
 # --- one run -----------------------------------------------------------------------------------------

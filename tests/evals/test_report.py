@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 
 import pytest
 from results_helpers import SIX, record, recount, write_results
 
 from medvl_engine.cli import main as cli
 from medvl_engine.data import bundled_answers_path, load_bundled
+from medvl_engine.evals.evaluate import EvalConfig, eval_data, sections
 from medvl_engine.evals.manifest import open_run
 from medvl_engine.evals.report import load_reference, reference_rows, write_run_report
 from medvl_engine.tables import BENCHMARKS
@@ -32,7 +34,9 @@ def _make_run(folder, n: int, repeats: int, model: str):
     samples = list(load_bundled())
     responses = {json.loads(line)["dataset_index"]: json.loads(line)["response"]
                  for line in bundled_answers_path().read_text().splitlines() if line.strip()}
-    open_run(folder, "eval", {"data": {"source": "bundled"}, "engine": {"model": model}})
+    # The manifest as `medvl-engine eval` writes it (the model under `run`).
+    cfg = EvalConfig(model=model, output=str(folder), data=replace(eval_data(), source="bundled"))
+    open_run(folder, "eval", sections(cfg))
     runs = []
     for k in range(repeats):
         rows = []
@@ -48,6 +52,8 @@ def test_report_numbers_match_an_independent_recount(tmp_path):
     folder = tmp_path / "run"
     runs = _make_run(folder, n=3, repeats=2, model="Qwen/Qwen2.5-VL-3B-Instruct")
     markdown, data = write_run_report(folder)
+    assert markdown.startswith("## Qwen/Qwen2.5-VL-3B-Instruct on bundled\n")
+    assert data["model"] == "Qwen/Qwen2.5-VL-3B-Instruct"
     assert json.loads((folder / "report.json").read_text()) == json.loads(json.dumps(data))
     assert (folder / "report.md").read_text() == markdown
     assert data["repeats"] == 2 and data["num_rollouts"] == 3 and data["averaged"] == SIX
