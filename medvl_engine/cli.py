@@ -27,7 +27,8 @@ from medvl_engine.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("medvl_engine.trainers.demo", "GRPO on bundled data with the embedded model, then evaluate"),
+    "demo": ("medvl_engine.trainers.demo", "SFT then GRPO on bundled data with the embedded model, evaluated "
+             "before and after"),
     "score-demo": ("medvl_engine.score_demo", "score the bundled model answers in all three grading modes"),
     "score": ("medvl_engine.scoring", "score model answers against a dataset and print the accuracy table"),
     "rollout-worker": ("medvl_engine.rollout.worker", "run a rollout worker that streams scored GRPO groups"),
@@ -37,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("medvl_engine.evals.evaluate", "evaluate a model on medical VQA benchmarks"),
     "passrate": ("medvl_engine.evals.passrate", "estimate per-question pass counts (n samples each)"),
     "curate": ("medvl_engine.evals.curate", "keep questions by pass count and order them by difficulty"),
-    "report": ("medvl_engine.evals.report", "compare evaluation runs side by side"),
+    "report": ("medvl_engine.evals.report", "compare evaluation runs side by side; a training run's curves"),
     "build-data": ("medvl_engine.databuild.command", "filter, deduplicate, reformat image-caption pairs into VQA"),
     "bench": ("medvl_engine.bench", "run the parser, kernel, transport, rollout and weight-sync benchmarks"),
 }

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +59,13 @@ def leaves(cfg, prefix=""):
 
 def test_every_command_is_covered():
     assert set(COMMAND_CONFIGS) == set(COMMANDS)
+
+
+def test_the_readme_commands_table_lists_every_command():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Commands", 1)[1].split("\n\n", 2)[1]
+    listed = re.findall(r"^\| `medvl-engine ([a-z-]+)", table, flags=re.MULTILINE)
+    assert sorted(listed) == sorted(COMMANDS), "README's commands table and the CLI differ"
 
 
 @pytest.mark.parametrize("command", sorted(COMMAND_CONFIGS))
