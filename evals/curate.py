@@ -318,9 +318,7 @@ def curate(cfg: CurateConfig) -> Curation:
     _check_output(cfg)
     samples = load_bundled() if cfg.source == "bundled" else load_samples(cfg.source, split=cfg.split)
     counts, num_rollouts = read_pass_counts(cfg.pass_counts)
-    check_pass_count_run(cfg, num_rollouts)
-    if cfg.max_pass > num_rollouts:
-        raise ValueError(f"curate: max_pass {cfg.max_pass} exceeds the {num_rollouts} samples per question")
+    check_pass_count_run(cfg, num_rollouts)  # then max_pass <= band_of == num_rollouts (CurateConfig)
     result = select([s.dataset_index for s in samples], counts, min_pass=cfg.min_pass, max_pass=cfg.max_pass,
                     order=cfg.order, seed=cfg.seed, num_rollouts=num_rollouts)
     output = Path(cfg.output)

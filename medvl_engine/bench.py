@@ -139,8 +139,10 @@ def run_one(name: str, bench: Benchmark, folder: Path, scratch: Path, *, quick: 
 
 
 def _cell(value) -> str:
+    """A number as the table shows it: 4 significant digits, whole numbers with thousands separators from
+    10,000 up (`.4g` alone would write 42300.0 as 4.23e+04 next to 1,003,925)."""
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
     return str(value)
 
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from medvl_engine.bench import BENCHMARKS, default_benchmarks_dir
+from medvl_engine.bench import BENCHMARKS, default_benchmarks_dir, table_rows
 from medvl_engine.cli import main as cli
 
 
@@ -81,3 +81,13 @@ def test_the_scripts_are_found_next_to_the_package_or_the_error_says_where_to_po
     assert cli(["bench", "--benchmarks", "learner", "--output", str(tmp_path / "b.json")]) == 2
     assert "--benchmarks ['learner']: choose from parser, wire" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_the_table_writes_large_and_small_numbers_alike():
+    result = {"name": "parser", "status": "ok",
+              "rows": [{"mode": "reward", "impl": "native", "threads": 1, "responses_per_s": 42_300.5,
+                        "mb_per_s": 1651.2, "speedup_vs_reference": 0.0123},
+                       {"mode": "reward", "impl": "native", "threads": 2, "responses_per_s": 1_003_925.0}]}
+    first, second = (row["result"] for row in table_rows([result]))
+    assert first == "responses_per_s 42,300, mb_per_s 1651, speedup_vs_reference 0.0123"
+    assert second == "responses_per_s 1,003,925"
