@@ -293,3 +293,33 @@ def test_request_sampler_draws_from_the_warped_distribution(temperature, top_k, 
     np.testing.assert_allclose(freq, expected, atol=0.018)
     logp = torch.log_softmax(logits / temperature, -1)[0]
     np.testing.assert_allclose(sampler.logprobs()[:, 0].numpy(), logp[chosen].numpy(), rtol=1e-6)
+
+
+def test_request_sampler_draws_exactly_across_blocks_of_a_large_vocabulary():
+    """The inverse-CDF draw picks a block of 256 ids and then an id inside it: ids on both sides of block
+    edges and in the last, partial block come out at their probabilities; ids of weight 0 never do,
+    not even next to a chosen one or when the target lands on a block's end."""
+    from medvl_engine.rollout.hf_sampler import inverse_cdf
+
+    vocab = 3 * 256 + 40
+    live = {0: 1.0, 255: 0.5, 256: 2.0, 511: -1.0, 700: 0.0, vocab - 1: 1.5}
+    logits = torch.full((1, vocab), float("-inf"))
+    for index, value in live.items():
+        logits[0, index] = value
+    rows = 24_000
+    sampler = RequestSampler([rows // 3] * 3, [torch.Generator().manual_seed(s) for s in (3, 4, 5)],
+                             temperature=1.0)
+    chosen = sampler(None, logits.expand(rows, -1).clone()).argmax(-1)
+    expected = torch.softmax(logits, dim=-1)[0].numpy()
+    freq = np.bincount(chosen.numpy(), minlength=vocab) / rows
+    assert set(np.flatnonzero(freq)) <= set(live)
+    # Binomial std of a frequency over 24k draws is <= 0.0033: 5 sigma is 0.017.
+    np.testing.assert_allclose(freq, expected, atol=0.017)
+    np.testing.assert_allclose(sampler.logprobs()[:, 0].numpy(), torch.log_softmax(logits, -1)[0, chosen].numpy(),
+                               rtol=1e-6)
+    # Uniform draws at 0 and just below 1 land on the first and the last live id (the targets' edges).
+    weights = torch.exp(logits - logits.max()).expand(2, -1).contiguous()
+    edges = torch.tensor([[0.0], [np.nextafter(1.0, 0.0)]], dtype=torch.float64)
+    picked, total = inverse_cdf(weights, edges)
+    assert picked.tolist() == [0, vocab - 1]
+    np.testing.assert_allclose(total.numpy(), weights[0].double().sum().item(), rtol=1e-6)  # float32 block sums
