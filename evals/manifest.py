@@ -100,6 +100,11 @@ def clear_for_overwrite(folder: str | Path, *, command: str, marker: str = MANIF
     shutil.rmtree(folder)
 
 
+def _holds_results(folder: Path) -> bool:
+    """Whether anything besides the manifest holds data (a results file with at least one answer)."""
+    return any(p.is_file() and p.name != MANIFEST_NAME and p.stat().st_size > 0 for p in folder.rglob("*"))
+
+
 def open_run(folder: str | Path, command: str, settings: dict, *, volatile: tuple[str, ...] = (),
              overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> dict:
     """Create or resume the run folder and write its manifest; returns the manifest.
@@ -123,6 +128,11 @@ def open_run(folder: str | Path, command: str, settings: dict, *, volatile: tupl
         if manifest.get("command") != command:
             raise ValueError(f"{folder} holds a {manifest.get('command')!r} run, not {command!r}; use another folder")
         changed = _diff(_recorded_identity(manifest, volatile), identity)
+        if changed and not _holds_results(folder):
+            # An earlier attempt that stopped before its first answer (a wrong flag, a model that would not
+            # load): nothing to mix, the corrected command starts the run afresh.
+            manifest = {"command": command, "identity": identity, "attempts": []}
+            changed = []
         if changed:
             raise ValueError(f"{folder} holds a run with other settings; resuming it would mix results "
                              f"({'; '.join(changed)}). Use another folder or --overwrite.")

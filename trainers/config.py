@@ -267,7 +267,7 @@ class ProfileConfig:
 class CheckpointConfig:
     """DeepSpeed checkpoints and the final Hugging Face export."""
 
-    every: int = param(0, "save a DeepSpeed checkpoint every k steps (0: only at the end)")
+    every: int = param(0, "save a DeepSpeed checkpoint every k steps (0: only at the end, see checkpoint.final)")
     keep: int = param(2, "checkpoints kept (older ones are deleted)")
     export: bool = param(True, "export the final policy as a Hugging Face folder")
     final: bool = param(True, "save a DeepSpeed checkpoint at the end of the run (the one `--resume` continues "

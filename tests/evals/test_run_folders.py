@@ -110,7 +110,9 @@ def test_a_resumed_hf_run_refuses_another_max_batch(tmp_path, model_dir):
     out = tmp_path / "run"
     cfg = _eval_cfg(model_dir, out)
     cfg.rollout = replace(cfg.rollout, max_batch=16)
-    open_run(out, "eval", sections(cfg), volatile=VOLATILE)  # an earlier attempt
+    open_run(out, "eval", sections(cfg), volatile=VOLATILE)  # an earlier attempt that answered a question
+    (out / "v0").mkdir()
+    (out / "v0" / "results.jsonl").write_text('{"dataset_index": 0}\n')
     # hf pads a batch's prompts together: greedy answers depend on which questions share a generate call.
     cfg.rollout = replace(cfg.rollout, max_batch=4)
     with pytest.raises(ValueError, match=r"rollout.max_batch: 16 in the folder, 4 now"):
@@ -137,9 +139,25 @@ def test_a_folder_written_when_max_batch_was_volatile_resumes_with_the_same_valu
     cfg = _eval_cfg("model", out)
     cfg.rollout = replace(cfg.rollout, max_batch=8)
     open_run(out, "eval", sections(cfg), volatile=(*VOLATILE, "rollout.max_batch"))
+    (out / "v0").mkdir()
+    (out / "v0" / "results.jsonl").write_text('{"dataset_index": 0}\n')  # it answered before
     assert "max_batch" not in json.loads((out / "manifest.json").read_text())["identity"]["rollout"]
     manifest = open_run(out, "eval", sections(cfg), volatile=volatile_settings(cfg, VOLATILE))
     assert manifest["identity"]["rollout"]["max_batch"] == 8  # recorded from now on
     cfg.rollout = replace(cfg.rollout, max_batch=2)
     with pytest.raises(ValueError, match=r"rollout.max_batch: 8 in the folder, 2 now"):
         open_run(out, "eval", sections(cfg), volatile=volatile_settings(cfg, VOLATILE))
+
+
+def test_an_attempt_that_stopped_before_its_first_answer_does_not_block_the_corrected_command(tmp_path):
+    """A wrong flag fails after the manifest is written (e.g. images for a text-only model): the corrected
+    command starts the run afresh instead of being refused as a run with other settings."""
+    run = tmp_path / "run"
+    open_run(run, "eval", {"data": {"ignore_images": False}})
+    (run / "v0").mkdir()
+    (run / "v0" / "results.jsonl").write_text("")  # opened, nothing answered
+    manifest = open_run(run, "eval", {"data": {"ignore_images": True}})
+    assert manifest["identity"] == {"data": {"ignore_images": True}} and len(manifest["attempts"]) == 1
+    (run / "v0" / "results.jsonl").write_text('{"dataset_index": 0}\n')  # now it holds an answer
+    with pytest.raises(ValueError, match=r"data.ignore_images: True in the folder, False now"):
+        open_run(run, "eval", {"data": {"ignore_images": False}})
