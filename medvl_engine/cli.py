@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import threading
@@ -73,6 +74,18 @@ def cpu_defaults() -> None:
 # existing files the OS errors below; UnicodeDecodeError is a ValueError (input that is not UTF-8).
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A ValueError is the user's to fix when this package raised it (config checks, loaders, run folders)
+    or it is undecodable input; one raised inside a library (a shape mismatch in numpy or torch) is a bug
+    and keeps its traceback. The other USER_ERRORS always are the user's."""
+    if not isinstance(exc, ValueError) or isinstance(exc, (UserError, UnicodeDecodeError, json.JSONDecodeError)):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or str(tb.tb_frame.f_globals.get("__name__", "")).startswith("medvl_engine")
 
 
 def describe(exc: BaseException) -> str:
@@ -159,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             _stop_now_if_threads_remain(130)
         return 130
     except USER_ERRORS as exc:
-        if debug:
+        if debug or not is_user_error(exc):
             raise
         print(f"medvl-engine {name}: error: {describe(exc)}", file=sys.stderr)
         return 2

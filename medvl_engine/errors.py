@@ -1,9 +1,10 @@
 """The error a user can fix: bad inputs, settings or run state, reported as one line by the command line.
 
-`medvl-engine` prints `error: <message>` and exits 2 for a `UserError` (and for ValueError,
-FileNotFoundError and FileExistsError, which the config checks and loaders raise); any other exception
-is a bug and keeps its traceback. Raise `UserError` where the condition is the user's to fix but no
-built-in type says so (a stale build lock, a stream that draws no usable group).
+`medvl-engine` prints `error: <message>` and exits 2 for a `UserError`, for the OS errors of missing,
+existing or unreadable files, for input that is not UTF-8 or JSON, and for a ValueError this package
+raised (its config checks and loaders; see `medvl_engine.cli.is_user_error`); any other exception, a
+ValueError from inside a library included, is a bug and keeps its traceback. Raise `UserError` where the
+condition is the user's to fix but no built-in type says so (a stale build lock, a stream that draws no usable group).
 """
 
 from __future__ import annotations

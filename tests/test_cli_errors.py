@@ -137,3 +137,15 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(medvl_engine.scoring, "main", bug)
     with pytest.raises(AttributeError):
         cli(["score", ANSWERS])
+
+
+def test_a_valueerror_from_inside_a_library_is_a_bug_with_its_traceback(monkeypatch):
+    """Only this package's ValueErrors (config checks, loaders) are user errors; numpy's is a bug."""
+    import numpy as np
+
+    def broken(args):
+        np.zeros((2, 3)).reshape(4)  # a shape bug inside the command
+
+    monkeypatch.setattr(medvl_engine.scoring, "main", broken)
+    with pytest.raises(ValueError, match="cannot reshape"):
+        cli(["score", ANSWERS])
