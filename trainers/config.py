@@ -334,6 +334,10 @@ class SFTConfig:
     def __post_init__(self):
         check_at_least("", self, 1, "epochs", "global_batch_size", "max_tokens")
         check_at_least("", self, 0, "max_steps")
+        steps = self.profile.step_range
+        if steps and self.max_steps and steps[0] > self.max_steps:
+            raise ValueError(f"profile.steps {self.profile.steps}: the run stops after max_steps={self.max_steps}, "
+                             "none of them would be recorded")
 
 
 def deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, dtype: str, *, train_batch_size: int,

@@ -35,6 +35,9 @@ def test_profile_steps_parse_and_must_fall_in_the_run():
     assert cfg.profile.step_range == (3, 5) and cfg.profile.timeline
     with pytest.raises(ValueError, match=r"profile.steps 5-6: the run has 4 steps, none of them would be recorded"):
         config_lib.build(GRPOConfig, {"profile": {"steps": "5-6"}, "steps": 4})
+    assert config_lib.build(SFTConfig, {"profile": {"steps": "5-6"}}).profile.step_range == (5, 6)  # epochs decide
+    with pytest.raises(ValueError, match=r"profile.steps 5-6: the run stops after max_steps=4"):
+        config_lib.build(SFTConfig, {"profile": {"steps": "5-6"}, "max_steps": 4})
 
 
 def test_a_stage_is_a_range_only_while_a_profiler_records(tmp_path):
