@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from medvl_engine.config import param
-from medvl_engine.data import DataError, SampleSet, load_bundled, load_samples
+from medvl_engine.data import SampleSet, load_bundled, load_samples
 from medvl_engine.rewards import score_samples
 from medvl_engine.tables import AccuracyTable, accuracy_table
 
@@ -236,18 +235,14 @@ def main(args: argparse.Namespace) -> int:
 
     args = config_lib.from_args(ScoreConfig, args)
     threads = args.threads or None
-    try:
-        if args.source == "bundled":
-            samples = load_bundled(skip_invalid=args.skip_invalid)
-        else:
-            samples = load_samples(args.source, split=args.split, skip_invalid=args.skip_invalid)
-        if samples.skipped:
-            logger.warning("%s", samples.skipped_summary())
-        scored = score_answers(read_answers(args.answers), samples, mode=args.mode, threads=threads,
-                               source=args.answers)
-    except (DataError, AnswerFileError) as exc:
-        print(f"medvl-engine score: error: {exc}", file=sys.stderr)
-        return 2
+    # A DataError or AnswerFileError is one line and exit 2 through the command line's error handler.
+    if args.source == "bundled":
+        samples = load_bundled(skip_invalid=args.skip_invalid)
+    else:
+        samples = load_samples(args.source, split=args.split, skip_invalid=args.skip_invalid)
+    if samples.skipped:
+        logger.warning("%s", samples.skipped_summary())
+    scored = score_answers(read_answers(args.answers), samples, mode=args.mode, threads=threads, source=args.answers)
     print(summary_line(scored, samples.name))
     print(scored.table.to_markdown())
     if args.output:
