@@ -18,6 +18,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from medvl_engine.files import write_atomically
+
 MANIFEST_NAME = "manifest.json"
 
 
@@ -142,7 +144,5 @@ def open_run(folder: str | Path, command: str, settings: dict, *, volatile: tupl
         raise FileExistsError(f"{folder} is not empty and has no {MANIFEST_NAME}; use another folder or --overwrite")
     else:
         manifest = {"command": command, "identity": identity, "attempts": [attempt]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -14,11 +14,12 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
+
+from medvl_engine.files import write_atomically
 
 REQUIRED_KEYS = ("dataset_name", "dataset_index", "answer_label", "answer", "parsed_outputs", "num_rollouts",
                  "num_correct")
@@ -119,12 +120,7 @@ class ResultsFile:
         """Rewrite the file sorted by `dataset_index` (atomically: a crash leaves the old file)."""
         self.close()
         records = sorted(read_records(self.path), key=lambda r: r["dataset_index"])
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(encode_record(r) for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomically(self.path, "".join(encode_record(r) for r in records), fsync=True)
 
     def __enter__(self) -> ResultsFile:
         self.open()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medvl_engine.config import param
+from medvl_engine.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,6 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(table_rows(record["benchmarks"]), ["bench", "case", "result"]))
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=2) + "\n")
+    write_atomically(output, json.dumps(record, indent=2) + "\n")
     logger.info("wrote %s", output)
     return 1 if any(r["status"].startswith("failed") for r in record["benchmarks"]) else 0

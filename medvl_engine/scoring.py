@@ -23,6 +23,7 @@ from typing import Literal
 
 from medvl_engine.config import param
 from medvl_engine.data import SampleSet, load_bundled, load_samples
+from medvl_engine.files import write_atomically
 from medvl_engine.rewards import score_samples
 from medvl_engine.tables import AccuracyTable, accuracy_table
 
@@ -172,23 +173,6 @@ def _json_line(row: dict) -> str:
         # this line escapes it (`\ud800`), which reads back as the same str.
         line = json.dumps(row)
     return line + "\n"
-
-
-def write_atomically(path: str | Path, text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader, or a run that
-    stops midway, sees the old file or the new one, never a truncated mix."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import msgspec
 
+from medvl_engine.files import write_atomically
+
 
 def truncate_to_step(path: Path, step: int) -> None:
     """Keep the lines of a per-step jsonl log up to `step` (a resumed run rewrites the steps after its
@@ -20,9 +22,7 @@ def truncate_to_step(path: Path, step: int) -> None:
     lines = path.read_bytes().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and line.endswith(b"\n") and json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(kept))
-        tmp.replace(path)
+        write_atomically(path, b"".join(kept))
 
 
 def scalars(row: dict) -> dict[str, float]:

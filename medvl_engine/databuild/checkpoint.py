@@ -29,6 +29,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medvl_engine.files import write_atomically
+
 MANIFEST_NAME = "manifest.json"
 STATE_NAME = "state.json"
 
@@ -53,12 +55,7 @@ def _diff(old, new, prefix: str = "") -> list[str]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n", fsync=True)
 
 
 class StageRun:
