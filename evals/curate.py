@@ -82,13 +82,13 @@ def check_pass_count_run(cfg: CurateConfig, num_rollouts: int) -> None:
         raise ValueError(f"curate: the pass counts in {cfg.pass_counts} are out of {num_rollouts} samples but the "
                          f"band {cfg.min_pass}..{cfg.max_pass} is for --band-of {cfg.band_of}; give --band-of "
                          f"{num_rollouts} with --min-pass and --max-pass for that many")
-    from medvl_engine.evals.manifest import MANIFEST_NAME
+    from medvl_engine.evals.manifest import MANIFEST_NAME, read_manifest
 
     folder = Path(cfg.pass_counts)
     folder = folder if folder.is_dir() else folder.parent
     if not (folder / MANIFEST_NAME).is_file():
         return  # a bare results file: nothing records its dataset
-    data = json.loads((folder / MANIFEST_NAME).read_text()).get("identity", {}).get("data", {})
+    data = read_manifest(folder).get("identity", {}).get("data", {})
     recorded = (_same_source(data.get("source")), data.get("split"))
     if data and recorded != (_same_source(cfg.source), cfg.split):
         raise ValueError(f"curate: the pass counts in {folder} were measured on {data.get('source')} (split "

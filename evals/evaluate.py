@@ -71,24 +71,23 @@ def volatile_settings(cfg, volatile: tuple[str, ...]) -> tuple[str, ...]:
     return volatile if cfg.rollout.backend == "hf" else (*volatile, "rollout.max_batch")
 
 
-def check_model_and_output(cfg, *, check_model: bool = True) -> None:
+def check_model_and_output(cfg, *, check_model: bool = True) -> str | None:
     """What can be checked before the questions load (a hub dataset takes seconds): the model folder
-    exists (unless backends were given) and `--output` is not a file."""
+    exists (unless backends were given) and `--output` is not a file. Returns the model's folder (None
+    when backends were given)."""
     from medvl_engine.models import resolve_model_path
 
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
         raise ValueError(f"--output {cfg.output}: is a file; give a run folder (created, or resumed)")
-    if check_model:
-        resolve_model_path(cfg.model)
+    return resolve_model_path(cfg.model) if check_model else None
 
 
-def open_checked_run(cfg, command: str, volatile: tuple[str, ...], *, check_model: bool = True) -> dict:
-    """The run folder of an eval or pass-rate run, opened once its inputs are known good: the model resolves
-    (unless backends were given) and the data has loaded. Only then may `--overwrite` remove an earlier run."""
+def open_checked_run(cfg, command: str, volatile: tuple[str, ...], *, model: str | None) -> dict:
+    """The run folder of an eval or pass-rate run, opened once its inputs are known good: the model resolved
+    to `model` (`check_model_and_output`; None when backends were given) and the data has loaded. Only then
+    may `--overwrite` remove an earlier run."""
     from medvl_engine.evals.manifest import open_run
-    from medvl_engine.models import resolve_model_path
 
-    model = resolve_model_path(cfg.model) if check_model else None
     return open_run(cfg.output, command, sections(cfg), volatile=volatile_settings(cfg, volatile),
                     overwrite=cfg.overwrite, inputs=(cfg.model, model, cfg.data.source))
 
@@ -139,9 +138,9 @@ def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[Run
     from medvl_engine.rollout.stream import load_data
 
     owned = backends is None
-    check_model_and_output(cfg, check_model=owned)
+    model = check_model_and_output(cfg, check_model=owned)
     questions = load_data(cfg.data)
-    open_checked_run(cfg, "eval", VOLATILE, check_model=owned)
+    open_checked_run(cfg, "eval", VOLATILE, model=model)
     if owned:
         backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
 

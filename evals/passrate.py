@@ -140,9 +140,9 @@ def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunS
     from medvl_engine.rollout.stream import load_data
 
     owned = backends is None
-    check_model_and_output(cfg, check_model=owned)
+    model = check_model_and_output(cfg, check_model=owned)
     questions = load_data(cfg.data)
-    open_checked_run(cfg, "passrate", VOLATILE, check_model=owned)
+    open_checked_run(cfg, "passrate", VOLATILE, model=model)
     if owned:
         backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
 

@@ -133,10 +133,7 @@ def _report(run_dir: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    # Set before torch (and its OpenMP runtime, which reads them once) is imported. The learner and the
-    # rollout worker share the CPU cores: with OpenMP's default spin-waiting, 2-thread generate on a
-    # busy 2-core machine ran at 2-4 tok/s against 27-30 tok/s with passive waiting.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY=PASSIVE is set by the command line (cli.cpu_defaults) before torch loads.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from medvl_engine.benchmarking import format_table
     from medvl_engine.models import resolve_model_path
