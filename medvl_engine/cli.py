@@ -28,7 +28,7 @@ from medvl_engine.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("medvl_engine.trainers.demo", "SFT then GRPO on bundled data with the embedded model, evaluated "
+    "demo": ("medvl_engine.demo", "SFT then GRPO on bundled data with the embedded model, evaluated "
              "before and after"),
     "score-demo": ("medvl_engine.score_demo", "score the bundled model answers in all three grading modes"),
     "score": ("medvl_engine.scoring", "score model answers against a dataset and print the accuracy table"),

@@ -1,7 +1,8 @@
-"""Files written whole or not at all."""
+"""Files written whole or not at all, and per-step logs cut back to a step."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,3 +25,14 @@ def write_atomically(path: str | Path, data: str | bytes, *, fsync: bool = False
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def truncate_to_step(path: Path, step: int) -> None:
+    """Keep the lines of a per-step jsonl log up to `step` (a resumed run rewrites the steps after its
+    checkpoint; without this they would appear twice)."""
+    if not path.exists():
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and line.endswith(b"\n") and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        write_atomically(path, b"".join(kept))

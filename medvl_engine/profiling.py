@@ -145,7 +145,7 @@ class Timeline:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
-            from medvl_engine.trainers.metrics import truncate_to_step
+            from medvl_engine.files import truncate_to_step
 
             truncate_to_step(self.path, resume_step)
             ends = [json.loads(line)["end"] for line in self._lines()]

@@ -17,7 +17,7 @@ from medvl_engine.cli import main as cli
 
 # command -> (config class, the values a run must be given); every subcommand derives its flags from it.
 COMMAND_CONFIGS = {
-    "demo": ("medvl_engine.trainers.demo:DemoConfig", {}),
+    "demo": ("medvl_engine.demo:DemoConfig", {}),
     "score-demo": ("medvl_engine.score_demo:ScoreDemoConfig", {}),
     "score": ("medvl_engine.scoring:ScoreConfig", {"answers": "answers.jsonl"}),
     "rollout-worker": ("medvl_engine.rollout.worker:WorkerConfig", {"model": "m", "connect": "ipc:///tmp/x"}),

@@ -11,18 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from medvl_engine.files import write_atomically
-
-
-def truncate_to_step(path: Path, step: int) -> None:
-    """Keep the lines of a per-step jsonl log up to `step` (a resumed run rewrites the steps after its
-    checkpoint; without this they would appear twice)."""
-    if not path.exists():
-        return
-    lines = path.read_bytes().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and line.endswith(b"\n") and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        write_atomically(path, b"".join(kept))
+from medvl_engine.files import truncate_to_step
 
 
 def scalars(row: dict) -> dict[str, float]:
