@@ -11,6 +11,12 @@ several-GB CUDA build of torch is downloaded. transformers 5.17, also there, tak
 resolution (so shared dependencies such as huggingface-hub stay within its ranges) and its wheel is
 then dropped. Packages published only as an sdist (deepspeed) are built here into pure-Python wheels.
 `--only pytest hypothesis` fetches what the kernel steps alone need.
+
+The GPU machine takes at most 64 MiB of carried files, source tree and wheels together: the script
+prints both and fails over the limit. `--twins` also fetches the CPython 3.11 wheels of the same
+versions (and of the GPU machine's Triton and transformers, and the build tools) into
+.gpu-wheels-py311/, which is never carried: `scripts/gpu-check --rehearse` installs from it, offline,
+on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ ALONGSIDE = ("transformers==5.17.0",)
 SDIST_ONLY = ("deepspeed",)  # no wheel on PyPI; its sdist builds a py3-none-any wheel in seconds
 PLATFORMS = ["manylinux2014_x86_64"] + [f"manylinux_2_{minor}_x86_64" for minor in range(17, 35)]
 LOCAL_TAG = "present"
+CARRY_LIMIT_MIB = 64  # what the GPU machine takes from the checkout: source tree, ignored paths and wheels
+TWINS = ROOT / ".gpu-wheels-py311"
+# Installed beside the twins in the rehearsal's 3.11 environment: what the GPU machine has (torch comes
+# from this machine, --no-deps) and what the project's editable build needs.
+REHEARSAL_PRESENT = ("triton==3.6.0", "transformers==5.17.0")
+BUILD_TOOLS = ("scikit-build-core", "pybind11")
 
 
 def requirement_name(req: str) -> str:
@@ -69,10 +81,11 @@ def stub_wheel(name: str, version: str, folder: Path) -> Path:
     return path
 
 
-def target_options() -> list[str]:
-    """pip options that resolve for CPython 3.12 on Linux x86-64, wheels only."""
-    options = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-               "--abi", "cp312", "--abi", "abi3", "--abi", "none"]
+def target_options(python: str = "3.12") -> list[str]:
+    """pip options that resolve for CPython `python` on Linux x86-64, wheels only."""
+    tag = "cp" + python.replace(".", "")
+    options = ["--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+               "--abi", tag, "--abi", "abi3", "--abi", "none"]
     for platform in PLATFORMS:
         options += ["--platform", platform]
     return options
@@ -106,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--present", nargs="*", default=[f"{k}=={v}" for k, v in PRESENT.items()],
                         help="packages the GPU machine has, NAME==VERSION (default: %(default)s)")
     parser.add_argument("--only", nargs="+", default=None, help="only these names of scripts/gpu-requirements.txt")
+    parser.add_argument("--twins", action="store_true",
+                        help=f"also fetch the CPython 3.11 twins into {TWINS.name}/ for scripts/gpu-check --rehearse")
     args = parser.parse_args(argv)
     present = dict(item.split("==", 1) for item in args.present)
     reqs = requirements(only=args.only)
@@ -137,9 +152,61 @@ def main(argv=None) -> int:
     for req in ALONGSIDE:
         for wheel in args.dest.glob(f"{requirement_name(req).replace('-', '_')}-*.whl"):
             wheel.unlink()
-    wheels = sorted(args.dest.glob("*.whl"))
-    size = sum(w.stat().st_size for w in wheels) / 2**20
-    print(f"{len(wheels)} wheels, {size:.0f} MiB in {args.dest}")
+    if args.twins:
+        fetch_twins(args.dest, TWINS)
+    return check_carried_size(args.dest)
+
+
+def wheel_pins(folder: Path) -> list[str]:
+    """name==version of every wheel in `folder` (the file name's first two fields)."""
+    return sorted({"{}=={}".format(*w.name.split("-")[:2]) for w in folder.glob("*.whl")})
+
+
+def fetch_twins(carried: Path, twins: Path) -> None:
+    """The CPython 3.11 wheels of the carried versions, the GPU machine's Triton and transformers, and the
+    build tools (at this environment's versions), for the rehearsal: never carried. A version with no
+    3.11 wheel (numpy 2.5 dropped 3.11) takes the newest that has one, and is named."""
+    twins.mkdir(parents=True, exist_ok=True)
+    pure = set()
+    for wheel in carried.glob("*-none-any.whl"):  # pure Python, deepspeed's built one included
+        (twins / wheel.name).write_bytes(wheel.read_bytes())
+        pure.add(wheel.name.split("-")[0].lower())
+    from importlib.metadata import version
+
+    pins = [p for p in wheel_pins(carried) if p.split("==")[0].lower() not in pure]
+    pins += list(REHEARSAL_PRESENT)
+    differ = []
+    # The build tools with their dependencies (pathspec, packaging), at this environment's versions.
+    pip("download", "-q", "--dest", str(twins), *target_options("3.11"),
+        *(f"{name}=={version(name)}" for name in BUILD_TOOLS))
+    for pin in pins:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--dest", str(twins),
+               *target_options("3.11"), pin]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            subprocess.run([*cmd[:-1], pin.split("==")[0]], check=True, capture_output=True)
+            differ.append(pin)
+    print(f"{len(list(twins.glob('*.whl')))} wheels for CPython 3.11 in {twins} (not carried)"
+          + (f"; no 3.11 wheel of {', '.join(differ)}: the newest 3.11 one instead" if differ else ""))
+
+
+def tree_bytes() -> int:
+    """The source tree the GPU machine is sent: the files git tracks."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    return sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
+
+
+def check_carried_size(wheels_dir: Path, limit_mib: float = CARRY_LIMIT_MIB) -> int:
+    wheels = sorted(wheels_dir.glob("*.whl"))
+    wheel_mib = sum(w.stat().st_size for w in wheels) / 2**20
+    tree_mib = tree_bytes() / 2**20
+    total = wheel_mib + tree_mib
+    print(f"carried: {len(wheels)} wheels {wheel_mib:.1f} MiB + source tree {tree_mib:.1f} MiB = {total:.1f} MiB "
+          f"(limit {limit_mib:.0f} MiB)")
+    if total > limit_mib:
+        print(f"over the limit by {total - limit_mib:.1f} MiB: the GPU machine would not take them. Largest: "
+              + ", ".join(f"{w.name} {w.stat().st_size / 2**20:.1f} MiB"
+                          for w in sorted(wheels, key=lambda w: -w.stat().st_size)[:5]), file=sys.stderr)
+        return 1
     return 0
 
 

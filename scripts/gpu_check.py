@@ -5,6 +5,7 @@
     scripts/gpu-check --budget 420             # seconds for the whole run; steps that would start later are skipped
     scripts/gpu-check --out run.json           # default: benchmarks/results/gpu-check-<date>-<device>.json on a GPU,
                                                # the temp folder on a machine without one
+    scripts/gpu-check --rehearse               # before a GPU exists: prove the install and the steps' code here
 
 Steps, in order:
   install  the wheels carried in .gpu-wheels/ (scripts/fetch-gpu-wheels fills it beforehand) and this
@@ -12,9 +13,15 @@ Steps, in order:
   compile  every Triton kernel for sm_90 and sm_80 with this machine's Triton: errors, spills, registers
   tests    the `gpu`-marked kernel tests: real shapes, bf16 and fp32, forward and backward, float64 oracle
   bench    benchmarks/bench_kernels.py at N = 16k tokens, and the kernels' goals checked on its rows
-  grpo     the `gpu`-marked learner tests under tests/trainers, where there are any
-A step that needs CUDA is skipped, with the reason, on a machine without it; the JSON is written
-either way and a short table of steps and goals is printed last. Uses only the standard library
+  grpo     the `gpu`-marked learner tests under tests/trainers (tests/trainers/test_learner_cuda.py): the
+           fused head at Qwen2.5's vocabulary in bf16, one colocated GRPO step on images, memory weight
+           sync and export, the engine's memory hand-off; each records its timings in the JSON
+Every step ends `passed`, `failed` or `not run` (with the reason): a step that needs CUDA on a machine
+without it, one that would start past the budget, a pytest step that collected no test or skipped
+every test it collected, are `not run`, never a pass. The script exits 0 only when every step asked
+for passed; without CUDA it says "nothing ran on a GPU" and exits 1. The JSON (each step's status,
+reason and test counts: collected, passed, failed, skipped) is written either way and a short table of
+steps and goals is printed last. Uses only the standard library
 itself: everything that needs torch runs in a subprocess of the environment the install step chose.
 """
 
@@ -24,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -53,12 +61,16 @@ class Context:
     report: dict = dataclasses.field(default_factory=dict)  # what steps add besides their status
 
 
+PASSED, FAILED, NOT_RUN = "passed", "failed", "not run"
+
+
 @dataclasses.dataclass
 class StepResult:
     name: str
-    status: str  # ok | partial (install: some wheels missing) | failed | skipped | timeout
+    status: str  # passed | failed | not run
     seconds: float = 0.0
-    note: str = ""
+    note: str = ""  # what happened; for `not run`, why
+    counts: dict | None = None  # pytest steps: collected, passed, failed, skipped
 
 
 # -- running commands ---------------------------------------------------------------------------------
@@ -139,7 +151,7 @@ def step_install(ctx: Context, timeout: float) -> StepResult:
         if not (VENV / "bin" / "python").exists():
             code, output, _ = run_command([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], 120)
             if code != 0:
-                return StepResult("install", "failed", note=f"could not create {VENV.name}: {output[-300:]}")
+                return StepResult("install", FAILED, note=f"could not create {VENV.name}: {output[-300:]}")
         ctx.python = str(VENV / "bin" / "python")
         notes.append(f"into {VENV.name}/")
     pip = [ctx.python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check", "-q"]
@@ -161,10 +173,11 @@ def step_install(ctx: Context, timeout: float) -> StepResult:
     left = timeout - (time.monotonic() - start)
     code, output, _ = run_command([*pip, "--no-build-isolation", "--no-deps", "-e", str(ROOT)], left, env)
     if code is None:
-        return StepResult("install", "timeout", note="building the project")
+        return StepResult("install", FAILED, note="timed out building the project")
     if code != 0:
-        return StepResult("install", "failed", note="project build failed: " + output[-600:])
-    return StepResult("install", "ok" if not any(n.startswith("not installed") for n in notes) else "partial",
+        return StepResult("install", FAILED, note="project build failed: " + output[-600:])
+    # Some carried wheels missing is a failed install, even when the steps after it can run.
+    return StepResult("install", FAILED if any(n.startswith("not installed") for n in notes) else PASSED,
                       note="; ".join(notes))
 
 
@@ -178,18 +191,20 @@ def step_compile(ctx: Context, timeout: float) -> StepResult:
     code, output, _ = run_command([ctx.python, "-m", "medvl_engine.kernels.compile_check", "--fresh-cache",
                                    "--json", str(out)], timeout)
     if code is None:
-        return StepResult("compile", "timeout")
+        return StepResult("compile", FAILED, note="timed out")
     if not out.exists():
-        return StepResult("compile", "failed", note=output[-600:])
+        return StepResult("compile", FAILED, note=output[-600:])
     report = json.loads(out.read_text())
     ctx.report["compile"] = {"triton": report.get("triton"), "launches_per_target": report.get("launches"),
                              "wall_s": report.get("wall_s"), "kernels": compile_summary(report["results"]),
                              "failures": [line for line in output.splitlines() if line.startswith("FAIL")]}
     note = f"triton {report.get('triton')}: {len(report['results'])} compiles"
     if code != 0:
-        return StepResult("compile", "failed", note=f"{note}; " + "; ".join(ctx.report["compile"]["failures"]
-                                                                            or [output[-300:]]))
-    return StepResult("compile", "ok", note=f"{note}, no error, spill or register overrun")
+        return StepResult("compile", FAILED, note=f"{note}; " + "; ".join(ctx.report["compile"]["failures"]
+                                                                          or [output[-300:]]))
+    if not report["results"]:
+        return StepResult("compile", NOT_RUN, note=f"{note}: nothing was compiled")
+    return StepResult("compile", PASSED, note=f"{note}, no error, spill or register overrun")
 
 
 def compile_summary(results: list[dict]) -> list[dict]:
@@ -214,41 +229,60 @@ def parse_junit(path: Path) -> dict:
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    failed = []
+    failed, properties = [], {}
     for case in root.iter("testcase"):
+        # What a test recorded with pytest's record_property (timings, measured errors, memory).
+        recorded = {p.get("name"): p.get("value") for p in case.iter("property")}
+        if recorded:
+            properties[f"{case.get('classname')}::{case.get('name')}"] = recorded
         for bad in list(case.findall("failure")) + list(case.findall("error")):
             failed.append({"test": f"{case.get('classname')}::{case.get('name')}",
                            "message": (bad.get("message") or "")[:500]})
     counts["failed_tests"] = failed
+    counts["recorded"] = properties
     return counts
 
 
-def _pytest_step(ctx: Context, name: str, paths: list[str], timeout: float, none_note: str) -> StepResult:
-    xml = ctx.tmp / f"{name}.xml"
-    cmd = [ctx.python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *paths]
-    code, output, _ = run_command(cmd, timeout)
+def pytest_verdict(name: str, code: int | None, counts: dict | None, output: str) -> StepResult:
+    """A pytest run's verdict: `not run` when it collected nothing or skipped everything it collected."""
     if code is None:
-        return StepResult(name, "timeout", note=output[-300:])
-    if code == 5:  # pytest: no tests collected
-        return StepResult(name, "skipped", note=none_note)
-    if not xml.exists():
-        return StepResult(name, "failed", note=output[-600:])
-    counts = parse_junit(xml)
-    ctx.report[name] = counts
-    note = f"{counts['passed']} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
+        return StepResult(name, FAILED, note="timed out: " + output[-300:], counts=counts)
+    if code == 5 or (counts is not None and counts["tests"] == 0):  # pytest: no tests collected
+        return StepResult(name, NOT_RUN, note="no test collected", counts=counts)
+    if counts is None:
+        return StepResult(name, FAILED, note=output[-600:])
+    failed = counts["failures"] + counts["errors"]
+    note = f"{counts['passed']} passed, {failed} failed, {counts['skipped']} skipped of {counts['tests']}"
     if counts["failed_tests"]:
         note += ": " + ", ".join(t["test"].rsplit("::", 1)[-1] for t in counts["failed_tests"])[:400]
-    ok = code == 0 and counts["passed"] > 0
-    return StepResult(name, "ok" if ok else "failed", note=note)
+    step_counts = {"collected": counts["tests"], "passed": counts["passed"], "failed": failed,
+                   "skipped": counts["skipped"]}
+    if failed or code != 0:
+        return StepResult(name, FAILED, note=note, counts=step_counts)
+    if counts["passed"] == 0:
+        return StepResult(name, NOT_RUN, note=f"every collected test skipped ({note})", counts=step_counts)
+    return StepResult(name, PASSED, note=note, counts=step_counts)
+
+
+def _pytest_step(ctx: Context, name: str, paths: list[str], timeout: float, env: dict | None = None) -> StepResult:
+    xml = ctx.tmp / f"{name}.xml"
+    # xunit1: the junit family that keeps record_property values per test case.
+    cmd = [ctx.python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
+           f"--junitxml={xml}", *paths]
+    code, output, _ = run_command(cmd, timeout, None if env is None else {**os.environ, **env})
+    counts = parse_junit(xml) if xml.exists() else None
+    if counts is not None:
+        ctx.report[name] = counts
+    return pytest_verdict(name, code, counts, output)
 
 
 def step_tests(ctx: Context, timeout: float) -> StepResult:
-    return _pytest_step(ctx, "tests", ["tests/kernels"], timeout, "no gpu-marked test under tests/kernels")
+    return _pytest_step(ctx, "tests", ["tests/kernels"], timeout)
 
 
 def step_grpo(ctx: Context, timeout: float) -> StepResult:
-    return _pytest_step(ctx, "grpo", ["tests/trainers"], timeout,
-                        "no gpu-marked learner test under tests/trainers yet")
+    # DeepSpeed on the GPU (the tests' conftest defaults it to the CPU accelerator).
+    return _pytest_step(ctx, "grpo", ["tests/trainers"], timeout, {"DS_ACCELERATOR": "cuda"})
 
 
 def step_bench(ctx: Context, timeout: float) -> StepResult:
@@ -262,11 +296,13 @@ def step_bench(ctx: Context, timeout: float) -> StepResult:
     ctx.report["bench"] = rows
     ctx.report["goals"] = goals(rows)
     if code is None:
-        return StepResult("bench", "timeout", note=f"{len(rows)} rows")
+        return StepResult("bench", FAILED, note=f"timed out after {len(rows)} rows")
     if code != 0:
-        return StepResult("bench", "failed", note=output[-600:])
+        return StepResult("bench", FAILED, note=output[-600:])
+    if not rows:
+        return StepResult("bench", NOT_RUN, note="the benchmark wrote no row")
     met = sum(g["met"] is True for g in ctx.report["goals"])
-    return StepResult("bench", "ok", note=f"{len(rows)} rows; goals met {met}/{len(ctx.report['goals'])}")
+    return StepResult("bench", PASSED, note=f"{len(rows)} rows; goals met {met}/{len(ctx.report['goals'])}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,17 +329,17 @@ def run_steps(ctx: Context, names: list[str], steps: dict[str, Step] = STEP_TABL
         step = steps[name]
         left = ctx.deadline - time.monotonic() - RESERVE_S
         if step.needs_cuda and not ctx.cuda:
-            results.append(StepResult(name, "skipped", note="needs CUDA: torch.cuda.is_available() is False here"))
+            results.append(StepResult(name, NOT_RUN, note="needs CUDA: torch.cuda.is_available() is False here"))
             continue
         if left < 5:
-            results.append(StepResult(name, "skipped", note="out of time (--budget)"))
+            results.append(StepResult(name, NOT_RUN, note="out of time (--budget)"))
             continue
         print(f"[gpu-check] {name} (up to {min(step.timeout_s, left):.0f} s)", flush=True)
         start = time.monotonic()
         try:
             result = step.run(ctx, min(step.timeout_s, left))
         except Exception as error:  # noqa: BLE001 - one broken step must not lose the others' results
-            result = StepResult(name, "failed", note=f"{type(error).__name__}: {error}")
+            result = StepResult(name, FAILED, note=f"{type(error).__name__}: {error}")
         result.seconds = round(time.monotonic() - start, 1)
         results.append(result)
         print(f"[gpu-check] {name}: {result.status} in {result.seconds} s {result.note}", flush=True)
@@ -394,12 +430,190 @@ def write_report(path: Path, info: dict, results: list[StepResult], extra: dict,
     return path
 
 
+# -- the rehearsal: the install and the steps' code, proven on a machine without a GPU ----------------
+
+TWINS = ROOT / ".gpu-wheels-py311"
+GPU_MACHINE = {"python": "3.12", "torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}
+
+
+def _fetch_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fetch_gpu_wheels", ROOT / "scripts" / "fetch_gpu_wheels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _timed(name: str, fn) -> StepResult:
+    start = time.monotonic()
+    try:
+        result = fn()
+    except Exception as error:  # noqa: BLE001 - one broken step must not lose the others' results
+        result = StepResult(name, FAILED, note=f"{type(error).__name__}: {error}")
+    result.seconds = round(time.monotonic() - start, 1)
+    print(f"[rehearse] {name}: {result.status} in {result.seconds} s {result.note}", flush=True)
+    return result
+
+
+def rehearse_resolve(tmp: Path, python: str) -> StepResult:
+    """The carried wheels resolve offline for the GPU machine's interpreter and platform, with its torch,
+    Triton and transformers standing in as installed."""
+    fetch = _fetch_module()
+    stubs = tmp / "present"
+    stubs.mkdir()
+    present = {k: v for k, v in GPU_MACHINE.items() if k != "python"}
+    for name, version in present.items():
+        fetch.stub_wheel(name, version, stubs)
+    constraints = tmp / "present.txt"
+    constraints.write_text("".join(f"{n}=={v}+{fetch.LOCAL_TAG}\n" for n, v in present.items()))
+    report = tmp / "resolve.json"
+    cmd = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index", "-q",
+           "--find-links", str(WHEELS), "--find-links", str(stubs), "-c", str(constraints),
+           "--target", str(tmp / "target"), "--report", str(report), *fetch.target_options(GPU_MACHINE["python"]),
+           "-r", str(REQUIREMENTS), *(f"{n}=={v}+{fetch.LOCAL_TAG}" for n, v in present.items())]
+    code, output, _ = run_command(cmd, 300, _pip_env())
+    if code != 0:
+        return StepResult("resolve", FAILED, note=output[-600:])
+    items = [i["metadata"] for i in json.loads(report.read_text())["install"]]
+    carried = [m for m in items if not m["version"].endswith(f"+{fetch.LOCAL_TAG}")]
+    return StepResult("resolve", PASSED, note=f"{len(carried)} carried packages install on CPython "
+                      f"{GPU_MACHINE['python']} beside torch {present['torch']}, triton {present['triton']}, "
+                      f"transformers {present['transformers']}")
+
+
+def rehearse_size() -> StepResult:
+    fetch = _fetch_module()
+    code = fetch.check_carried_size(WHEELS)
+    wheels = sum(w.stat().st_size for w in WHEELS.glob("*.whl")) / 2**20
+    total = wheels + fetch.tree_bytes() / 2**20
+    note = f"{total:.1f} MiB of {fetch.CARRY_LIMIT_MIB} (wheels {wheels:.1f} MiB)"
+    return StepResult("size", PASSED if code == 0 else FAILED, note=note)
+
+
+def _pip_env() -> dict:
+    # The CPU environment's lock pins transformers 5.25 and triton 3.9: it must not reach these installs.
+    return {k: v for k, v in os.environ.items() if k not in ("PIP_CONSTRAINT", "VIRTUAL_ENV")}
+
+
+def make_venv(venv: Path) -> StepResult:
+    """A throw-away environment of this interpreter, with a current pip (pip 23's `--python-version`
+    resolution checks Requires-Python against the running interpreter instead of the target)."""
+    code, output, _ = run_command([sys.executable, "-m", "venv", str(venv)], 120)
+    if code == 0:
+        code, output, _ = run_command([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-U", "pip"],
+                                      300, _pip_env())
+    if code != 0:
+        return StepResult("venv", FAILED, note=output[-400:])
+    pip_version = run_command([str(venv / "bin" / "python"), "-m", "pip", "--version"], 60)[1].split()[1]
+    return StepResult("venv", PASSED, note=f"python {platform.python_version()}, pip {pip_version}")
+
+
+def rehearse_env(tmp: Path, venv: Path) -> StepResult:
+    """The GPU machine's versions installed from the 3.11 twins, no index, and the project; torch and what it
+    needs (sympy, networkx, jinja2, ... all on the GPU machine beside its torch) from this machine."""
+    env = _pip_env()
+    python = str(venv / "bin" / "python")
+    import importlib.metadata
+
+    torch_version = importlib.metadata.version("torch").split("+")[0] if _has("torch") else "2.13.0"
+    steps = [
+        [python, "-m", "pip", "install", "-q", f"torch=={torch_version}"],
+        [python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(TWINS), "-r", str(REQUIREMENTS),
+         *(f"{n}=={v}" for n, v in GPU_MACHINE.items() if n not in ("python", "torch")), "scikit-build-core",
+         "pybind11"],
+        [python, "-m", "pip", "install", "-q", "--no-index", "--no-build-isolation", "--no-deps", "-e", str(ROOT)],
+    ]
+    for cmd in steps:
+        code, output, _ = run_command(cmd, 600, env)
+        if code != 0:
+            return StepResult("environment", FAILED, note=" ".join(cmd[3:6]) + ": " + output[-600:])
+    info = probe(python)
+    versions = info.get("versions", {})
+    absent = run_command([python, "-c", "import datasets"], 60)[0] != 0
+    return StepResult("environment", PASSED if absent else FAILED,
+                      note=f"python {info.get('python')}, torch {versions.get('torch')}, "
+                           f"triton {versions.get('triton')}, transformers {versions.get('transformers')}, "
+                           f"deepspeed {versions.get('deepspeed')}; "
+                           + ("no datasets" if absent else "datasets is installed: the carried set must not need it"))
+
+
+def _has(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def rehearse_steps(tmp: Path, venv: Path) -> list[StepResult]:
+    """In the rehearsal environment: gpu-check's compile step, the collection of its CUDA steps, and the
+    learner's CUDA tests run on the CPU (MEDVL_GPU_TESTS_ON_CPU=1)."""
+    python = str(venv / "bin" / "python")
+    results = []
+
+    def compile_step():
+        out = tmp / "compile-run.json"
+        run_command([python, "scripts/gpu_check.py", "--steps", "compile", "--out", str(out)], 400)
+        if not out.exists():
+            return StepResult("compile", FAILED, note="gpu-check wrote no report")
+        step = json.loads(out.read_text())["steps"][0]
+        return StepResult("compile", step["status"], note=step["note"])
+
+    def collect_step():
+        code, output, _ = run_command([python, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                                       "-p", "no:cacheprovider", "tests/kernels", "tests/trainers"], 300)
+        tests = [line for line in output.splitlines() if "::" in line]
+        if code != 0 or not tests:
+            return StepResult("collect", FAILED, note=output[-600:])
+        learner = sum("tests/trainers" in t for t in tests)
+        return StepResult("collect", PASSED, note=f"{len(tests)} gpu tests collected ({learner} of the learner)")
+
+    def learner_step():
+        xml = tmp / "learner.xml"
+        env = dict(_pip_env(), MEDVL_GPU_TESTS_ON_CPU="1", OMP_NUM_THREADS="2")
+        code, output, _ = run_command([python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                                       "-o", "junit_family=xunit1", f"--junitxml={xml}",
+                                       "tests/trainers/test_learner_cuda.py"], 900, env)
+        return pytest_verdict("learner-on-cpu", code, parse_junit(xml) if xml.exists() else None, output)
+
+    for name, fn in (("compile", compile_step), ("collect", collect_step), ("learner-on-cpu", learner_step)):
+        results.append(_timed(name, fn))
+    return results
+
+
+def rehearse() -> int:
+    missing = [folder.name for folder in (WHEELS, TWINS) if not any(folder.glob("*.whl"))]
+    if missing:
+        print(f"[rehearse] {' and '.join(missing)} missing: run scripts/fetch-gpu-wheels --twins first "
+              "(on a machine with network)", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="medvl-gpu-rehearse-") as tmp:
+        tmp = Path(tmp)
+        venv = tmp / "venv"
+        python = str(venv / "bin" / "python")
+        results = [_timed("venv", lambda: make_venv(venv))]
+        if results[-1].status == PASSED:
+            results += [_timed("resolve", lambda: rehearse_resolve(tmp, python)), _timed("size", rehearse_size),
+                        _timed("environment", lambda: rehearse_env(tmp, venv))]
+        if results[-1].status == PASSED:
+            results += rehearse_steps(tmp, venv)
+    print(f"\ngpu-check --rehearse, {time.monotonic() - start:.0f} s")
+    steps = [{**dataclasses.asdict(r), "note": r.note if len(r.note) <= 150 else r.note[:147] + "..."}
+             for r in results]
+    print(format_table(steps, ["name", "status", "seconds", "note"]))
+    bad = [f"{r.name} {r.status}" for r in results if r.status != PASSED]
+    print("rehearsal: FAILED: " + ", ".join(bad) if bad else "rehearsal: passed")
+    return 1 if bad else 0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", nargs="+", default=list(STEPS), metavar="STEP",
                         help=f"steps to run, of {', '.join(STEPS)} (default: all)")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole run (default: 480)")
     parser.add_argument("--out", type=Path, default=None, help="the JSON report (default: see above)")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="prove the install and the steps' code on this machine, without a GPU (see above)")
     args = parser.parse_args(argv)
     unknown = [s for s in args.steps if s not in STEPS]
     if unknown:
@@ -411,6 +625,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.rehearse:
+        return rehearse()
     start = time.monotonic()
     date = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="medvl-gpu-check-") as tmp:
@@ -419,7 +635,7 @@ def main(argv=None) -> int:
         ctx = Context(python=python, cuda=info["cuda"], deadline=start + args.budget, tmp=Path(tmp),
                       device=info["device"])
         if not ctx.cuda:
-            print("[gpu-check] no CUDA device: the tests, bench and grpo steps will be skipped", flush=True)
+            print("[gpu-check] no CUDA device: the tests, bench and grpo steps will not run", flush=True)
         results = run_steps(ctx, args.steps)
         if "install" in args.steps:
             info = probe(ctx.python)  # versions after the install
@@ -437,7 +653,19 @@ def main(argv=None) -> int:
         print()
         print(format_table(ctx.report["goals"], ["goal", "measured", "unit", "met"]))
     print(f"\nwrote {out}")
-    return 0 if all(r.status in ("ok", "skipped") for r in results) else 1
+    code, verdict = exit_verdict(results, ctx.cuda)
+    print(verdict)
+    return code
+
+
+def exit_verdict(results: list[StepResult], cuda: bool) -> tuple[int, str]:
+    """0 only when every step asked for passed; a run on a machine without CUDA never passes."""
+    if not cuda:
+        return 1, "gpu-check: FAILED: nothing ran on a GPU (no CUDA device here)"
+    bad = [f"{r.name} {r.status}" for r in results if r.status != PASSED]
+    if bad:
+        return 1, "gpu-check: FAILED: " + ", ".join(bad)
+    return 0, f"gpu-check: passed ({len(results)} steps)"
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def _steps(calls, fail=()):
             calls.append((name, timeout))
             if name in fail:
                 raise RuntimeError(f"{name} broke")
-            return gpu_check.StepResult(name, "ok", note=f"{name} ran")
+            return gpu_check.StepResult(name, "passed", note=f"{name} ran")
         return run
     table = {name: gpu_check.Step(name, make(name), step.needs_cuda, step.timeout_s)
              for name, step in gpu_check.STEP_TABLE.items()}
@@ -51,16 +51,19 @@ def test_arguments():
         gpu_check.parse_args(["--budget", "5"])
 
 
-def test_without_cuda_the_cuda_steps_are_skipped_with_the_reason(tmp_path):
+def test_without_cuda_the_cuda_steps_are_not_run_with_the_reason(tmp_path):
     calls = []
     results = gpu_check.run_steps(_ctx(tmp_path), list(gpu_check.STEPS), _steps(calls))
     assert [c[0] for c in calls] == ["install", "compile"]
     by_name = {r.name: r for r in results}
     assert [r.name for r in results] == list(gpu_check.STEPS)
     for name in ("tests", "bench", "grpo"):
-        assert by_name[name].status == "skipped"
+        assert by_name[name].status == "not run"
         assert "needs CUDA" in by_name[name].note and "torch.cuda.is_available() is False" in by_name[name].note
-    assert by_name["compile"].status == "ok"
+    assert by_name["compile"].status == "passed"
+    # Install and compile passed, but nothing ran on a GPU: the run does not pass.
+    code, verdict = gpu_check.exit_verdict(results, cuda=False)
+    assert code == 1 and "nothing ran on a GPU" in verdict
 
 
 def test_steps_run_in_order_within_the_budget_and_a_broken_step_does_not_stop_the_others(tmp_path):
@@ -69,12 +72,15 @@ def test_steps_run_in_order_within_the_budget_and_a_broken_step_does_not_stop_th
                                   _steps(calls, fail=("tests",)))
     assert [c[0] for c in calls] == ["compile", "tests", "bench"]
     assert all(timeout <= 60 - gpu_check.RESERVE_S for _, timeout in calls)
-    assert [(r.name, r.status) for r in results] == [("compile", "ok"), ("tests", "failed"), ("bench", "ok")]
+    assert [(r.name, r.status) for r in results] == [("compile", "passed"), ("tests", "failed"), ("bench", "passed")]
+    assert gpu_check.exit_verdict(results, cuda=True) == (1, "gpu-check: FAILED: tests failed")
     assert "RuntimeError: tests broke" in results[1].note
 
     calls.clear()
     late = gpu_check.run_steps(_ctx(tmp_path, cuda=True, budget=gpu_check.RESERVE_S + 1), ["compile"], _steps(calls))
-    assert calls == [] and late[0].status == "skipped" and "out of time" in late[0].note
+    assert calls == [] and late[0].status == "not run" and "out of time" in late[0].note
+    assert gpu_check.exit_verdict(late, cuda=True)[0] == 1
+    assert gpu_check.exit_verdict(results[:1], cuda=True) == (0, "gpu-check: passed (1 steps)")
 
 
 def _bench_rows(kernel_ms=(1.5, 3.0), ref_ms=(10.0, 20.0)):
@@ -143,12 +149,16 @@ def test_report_location_and_contents(tmp_path):
 
     info = {"date": date.isoformat(), "device": "NVIDIA H200", "capability": "sm_90", "python": "3.12.3",
             "versions": {"torch": "2.11.0", "triton": "3.6.0"}, "driver": "580.65"}
-    results = [gpu_check.StepResult("compile", "ok", 12.3, "fine"), gpu_check.StepResult("tests", "skipped")]
+    results = [gpu_check.StepResult("compile", "passed", 12.3, "fine"),
+               gpu_check.StepResult("tests", "passed", 30.0, "3 passed",
+                                    {"collected": 3, "passed": 3, "failed": 0, "skipped": 0})]
     path = gpu_check.write_report(tmp_path / "r.json", info, results, {"goals": []}, ["--steps", "compile"], 13.0)
     report = json.loads(path.read_text())
     assert report["device"] == "NVIDIA H200" and report["versions"]["triton"] == "3.6.0"
     assert report["date"] == "2026-12-02T10:30:05+00:00" and report["commit"]
-    assert report["steps"][0] == {"name": "compile", "status": "ok", "seconds": 12.3, "note": "fine"}
+    assert report["steps"][0] == {"name": "compile", "status": "passed", "seconds": 12.3, "note": "fine",
+                                  "counts": None}
+    assert report["steps"][1]["counts"] == {"collected": 3, "passed": 3, "failed": 0, "skipped": 0}
     assert report["goals"] == [] and report["argv"] == ["--steps", "compile"]
 
 
@@ -159,18 +169,40 @@ def test_the_probe_reports_this_interpreters_versions_and_device():
     assert info["versions"]["torch"] == torch.__version__ and info["cuda"] == torch.cuda.is_available()
 
 
-def test_a_run_without_cuda_writes_its_report_and_names_what_it_skipped(tmp_path, capsys, monkeypatch):
+def test_a_run_without_cuda_writes_its_report_and_fails_saying_nothing_ran_on_a_gpu(tmp_path, capsys, monkeypatch):
     # Stands in for a machine without CUDA even where this test runs on one.
     monkeypatch.setattr(gpu_check, "probe", lambda python: {"python": "3.12.3", "cuda": False, "device": "cpu",
                                                             "versions": {"torch": "2.11.0"}})
     out = tmp_path / "run.json"
-    assert gpu_check.main(["--steps", "tests", "bench", "grpo", "--out", str(out)]) == 0
+    assert gpu_check.main(["--steps", "tests", "bench", "grpo", "--out", str(out)]) == 1
     report = json.loads(out.read_text())
-    assert [(s["name"], s["status"]) for s in report["steps"]] == [("tests", "skipped"), ("bench", "skipped"),
-                                                                    ("grpo", "skipped")]
+    assert [(s["name"], s["status"]) for s in report["steps"]] == [("tests", "not run"), ("bench", "not run"),
+                                                                    ("grpo", "not run")]
     assert report["versions"] == {"torch": "2.11.0"} and report["device"] == "cpu"
     printed = capsys.readouterr().out
-    assert "needs CUDA" in printed and f"wrote {out}" in printed.splitlines()[-1]
+    assert "needs CUDA" in printed and f"wrote {out}" in printed
+    assert "nothing ran on a GPU" in printed.splitlines()[-1]
+
+
+def _junit(tmp_path, tests, failures=0, skipped=0):
+    xml = tmp_path / "j.xml"
+    cases = "".join(f'<testcase classname="c" name="t{i}">{"<skipped/>" if i < skipped else ""}</testcase>'
+                    for i in range(tests))
+    xml.write_text(f'<testsuites><testsuite name="pytest" tests="{tests}" failures="{failures}" errors="0" '
+                   f'skipped="{skipped}">{cases}</testsuite></testsuites>')
+    return gpu_check.parse_junit(xml)
+
+
+def test_a_pytest_step_that_tested_nothing_is_not_run_never_passed(tmp_path):
+    nothing = gpu_check.pytest_verdict("grpo", 5, None, "no tests ran")
+    assert nothing.status == "not run" and nothing.note == "no test collected"
+    all_skipped = gpu_check.pytest_verdict("tests", 0, _junit(tmp_path, 4, skipped=4), "")
+    assert all_skipped.status == "not run" and "every collected test skipped" in all_skipped.note
+    assert all_skipped.counts == {"collected": 4, "passed": 0, "failed": 0, "skipped": 4}
+    some = gpu_check.pytest_verdict("tests", 0, _junit(tmp_path, 4, skipped=1), "")
+    assert some.status == "passed" and some.counts["passed"] == 3
+    assert gpu_check.pytest_verdict("tests", 1, _junit(tmp_path, 4, failures=1), "").status == "failed"
+    assert gpu_check.pytest_verdict("tests", None, None, "killed").status == "failed"
 
 
 # -- fetch-gpu-wheels -----------------------------------------------------------------------------------
@@ -189,7 +221,7 @@ def test_stand_in_wheel_declares_only_name_and_local_version(tmp_path):
 
 def test_requirements_and_target_options():
     names = [fetch_gpu_wheels.requirement_name(r) for r in fetch_gpu_wheels.requirements()]
-    assert {"deepspeed", "datasets", "msgspec", "pyzmq", "pytest"} <= set(names)
+    assert {"deepspeed", "msgspec", "pyzmq", "pytest"} <= set(names)
     only = fetch_gpu_wheels.requirements(only=["pytest", "Hypothesis"])
     assert [fetch_gpu_wheels.requirement_name(r) for r in only] == ["pytest", "hypothesis"]
     with pytest.raises(SystemExit, match="torch"):
@@ -197,3 +229,33 @@ def test_requirements_and_target_options():
     options = fetch_gpu_wheels.target_options()
     assert options[options.index("--python-version") + 1] == "3.12" and "--only-binary=:all:" in options
     assert "manylinux_2_17_x86_64" in options and "manylinux_2_34_x86_64" in options
+
+
+def test_the_carried_size_is_checked_against_the_machines_limit(tmp_path, capsys):
+    (tmp_path / "big-1.0-py3-none-any.whl").write_bytes(b"x" * 2**20)
+    tree = fetch_gpu_wheels.tree_bytes() / 2**20
+    assert fetch_gpu_wheels.check_carried_size(tmp_path, limit_mib=tree + 2) == 0
+    assert "1.0 MiB" in capsys.readouterr().out
+    assert fetch_gpu_wheels.check_carried_size(tmp_path, limit_mib=tree + 0.5) == 1
+    assert "over the limit" in capsys.readouterr().err and fetch_gpu_wheels.CARRY_LIMIT_MIB == 64
+
+
+def test_gpu_requirements_pin_the_locked_versions():
+    # The GPU machine runs the versions the CPU tests ran; datasets stays out (pyarrow is over the limit).
+    lock = dict(line.split("==") for line in (SCRIPTS / "lock-main.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    pins = [r for r in fetch_gpu_wheels.requirements() if "==" in r]
+    assert len(pins) >= 6
+    for pin in pins:
+        name, version = pin.split("==")
+        assert lock[name] == version, (pin, lock.get(name))
+    assert "datasets" not in {fetch_gpu_wheels.requirement_name(r) for r in fetch_gpu_wheels.requirements()}
+
+
+def test_recorded_properties_reach_the_report(tmp_path):
+    xml = tmp_path / "p.xml"
+    xml.write_text('<testsuites><testsuite name="pytest" tests="1" failures="0" errors="0" skipped="0">'
+                   '<testcase classname="tests.trainers.test_learner_cuda" name="test_x"><properties>'
+                   '<property name="step_s" value="1.5"/></properties></testcase></testsuite></testsuites>')
+    counts = gpu_check.parse_junit(xml)
+    assert counts["recorded"] == {"tests.trainers.test_learner_cuda::test_x": {"step_s": "1.5"}}
