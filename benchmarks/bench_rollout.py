@@ -182,7 +182,7 @@ def _progress(names: list[str], times: dict[str, list[float]], tokens: dict[str,
 
 
 async def _drain(pool) -> None:
-    from medvl_engine.rollout.pool import FailedPrompt
+    from medvl_engine.rollout.groups import FailedPrompt
 
     async for item in pool.stream():
         if isinstance(item, FailedPrompt):

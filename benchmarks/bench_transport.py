@@ -27,8 +27,10 @@ import numpy as np
 import zmq
 
 from medvl_engine.benchmarking import format_table, write_rows
-from medvl_engine.transport.channel import AUTO_SEQ, GroupReceiver, GroupSender
 from medvl_engine.transport.messages import RolloutGroup, decode, encode
+from medvl_engine.transport.protocol import AUTO_SEQ
+from medvl_engine.transport.receiver import GroupReceiver
+from medvl_engine.transport.sender import GroupSender
 
 DISTINCT = 32  # distinct groups cycled by the producer: ~5 MB, so no one group stays hot in cache
 

@@ -61,13 +61,10 @@ class QuestionRecord(msgspec.Struct):
 def build_backends(rollout, model: str, samples: Sequence = ()) -> tuple[list, object]:
     """One backend of `rollout` for `model` (room for the most images one of `samples` carries) and the
     tokenizer/processor whose chat template renders prompts."""
-    from medvl_engine.models import resolve_model_path
-    from medvl_engine.rollout.config import make_rollout_backend, max_images
-    from medvl_engine.rollout.stream import backend_renderer
+    from medvl_engine.rollout.config import open_rollout
 
-    path = resolve_model_path(model)
-    backend = make_rollout_backend(rollout, path, max_images=max_images(samples))
-    return [backend], backend_renderer(backend, path)
+    backend, renderer, _ = open_rollout(rollout, model, samples)
+    return [backend], renderer
 
 
 def make_record(group, mode: str) -> QuestionRecord:
@@ -128,7 +125,8 @@ async def generate_into(
     `progress_every_s` when stderr is not a terminal (0: none; see medvl_engine.progress).
     """
     from medvl_engine.profiling import stage
-    from medvl_engine.rollout.pool import FailedPrompt, RolloutPool
+    from medvl_engine.rollout.groups import FailedPrompt
+    from medvl_engine.rollout.pool import RolloutPool
     from medvl_engine.rollout.stream import PromptStream
 
     indices = [s.dataset_index for s in samples]

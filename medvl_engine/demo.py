@@ -124,7 +124,7 @@ def evaluate(model_path: str, demo: DemoConfig, label: str, output: Path) -> dic
 
 
 def _report(run_dir: Path) -> None:
-    from medvl_engine.evals.report import write_training_report
+    from medvl_engine.evals.curves import write_training_report
 
     try:
         write_training_report(run_dir)

@@ -101,7 +101,7 @@ def test_every_module_has_a_layer():
     ("from medvl_engine.trainers.metrics import truncate_to_step", "medvl_engine.profiling"),
     ("def f():\n    from medvl_engine.api import evaluate", "medvl_engine.trainers.grpo"),
     ("from ..evals.report import x", "medvl_engine.rollout.pool"),
-    ("from medvl_engine import cli", "medvl_engine.transport.channel"),
+    ("from medvl_engine import cli", "medvl_engine.transport.receiver"),
     ("import medvl_engine.demo", "medvl_engine.kernels.policy_loss"),
 ])
 def test_a_planted_upward_import_is_caught(source, module):

@@ -200,7 +200,7 @@ def test_a_missing_required_value_names_its_key():
 def test_a_learner_hands_its_worker_the_run_config_as_a_file(tmp_path):
     from medvl_engine.rollout.worker import WorkerConfig
     from medvl_engine.trainers.config import GRPOConfig
-    from medvl_engine.trainers.grpo import worker_config
+    from medvl_engine.trainers.placement import worker_config
 
     cfg = config_lib.build(GRPOConfig, {
         "model": {"path": str(tmp_path)}, "transport": {"endpoint": "ipc:///tmp/x", "workers": 2},

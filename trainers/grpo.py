@@ -300,93 +300,6 @@ def table_row(row: dict, header: bool) -> str:
     return "\n".join(lines if header else lines[2:])
 
 
-def build_source(cfg: GRPOConfig, learner, state: dict | None, feed=None):
-    """The ordered source of this placement: a RolloutPool in this process (colocated), or the stream of
-    rollout workers over ZeroMQ (rank 0 listens and starts `transport.workers` workers on this node).
-    A given `feed` (a task of its own, e.g. the tests' toy task) replaces the configured one."""
-    from medvl_engine.trainers.sources import OrderedSource, TransportFeed
-
-    source_state = state["source"] if state else None
-    if learner.rank == 0 and feed is None:
-        if cfg.transport.colocated:
-            feed = build_local_feed(cfg, learner, source_state)
-        else:
-            feed = build_transport_feed(cfg, source_state)
-    source = OrderedSource(feed, rank=learner.rank, prompts_per_step=cfg.algo.prompts_per_step,
-                           max_staleness=cfg.rollout.max_staleness, dynamic_sampling=cfg.rollout.dynamic_sampling,
-                           state=source_state, max_draw_factor=cfg.algo.max_draw_factor)
-    if isinstance(feed, TransportFeed):
-        feed.start_workers()  # after the source announced its window: a worker's Hello is answered with it
-    return source
-
-
-def build_local_feed(cfg: GRPOConfig, learner, state: dict | None = None):
-    """A RolloutPool over `rollout.backend` in this process, on the learner's device."""
-    from dataclasses import replace
-
-    from medvl_engine.models import resolve_model_path
-    from medvl_engine.rollout.config import make_rollout_backend, max_images
-    from medvl_engine.rollout.stream import PromptStream, backend_renderer, load_data
-    from medvl_engine.trainers.sources import LocalFeed
-
-    rollout = cfg.rollout
-    if rollout.backend == "hf" and rollout.device == "auto":
-        rollout = replace(rollout, device=str(learner.device))
-    samples = load_data(cfg.data)
-    path = resolve_model_path(cfg.model.path)
-    backend = make_rollout_backend(rollout, path, max_images=max_images(samples), colocated=True)
-    stream = PromptStream.from_config(samples, backend_renderer(backend, path), cfg.data, rollout.seed,
-                                      max_prompt_tokens=rollout.max_prompt_tokens)
-    return LocalFeed(backend, stream, rollout)
-
-
-def build_transport_feed(cfg: GRPOConfig, state: dict | None):
-    from medvl_engine.rollout.launcher import WorkerProcess
-    from medvl_engine.trainers.sources import TransportFeed
-    from medvl_engine.transport.channel import GroupReceiver
-
-    t = cfg.transport
-    receiver = GroupReceiver(t.endpoint, credits=t.credits or cfg.algo.prompts_per_step,
-                             start_seqs=state["seqs"] if state else None, keys=t.keys or None)
-    endpoint = receiver.endpoint.replace("0.0.0.0", "127.0.0.1")
-    run_dir = Path(cfg.logging.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # The configuration of a worker started apart (another node): the run's data and rollout sections;
-    # give it --connect, --producer-id, --shard-index and --num-shards on its command line.
-    config_lib.save(worker_config(cfg, t.endpoint), run_dir / "rollout-worker.yaml")
-    workers = []
-    for i in range(t.workers):
-        path = config_lib.save(worker_config(cfg, endpoint, shard=i), run_dir / f"rollout-{i}.yaml")
-        workers.append(WorkerProcess(["--config", str(path)], log_path=run_dir / f"rollout-{i}.log",
-                                     name=f"rollout-{i}"))
-    return TransportFeed(receiver, workers)
-
-
-def worker_config(cfg: GRPOConfig, endpoint: str, *, shard: int = 0):
-    """The `medvl-engine rollout-worker` configuration of worker `shard` of this run (a worker started by
-    hand takes the same file with its own --shard-index and --producer-id): the run's data and rollout
-    sections, so it samples exactly what the colocated learner would."""
-    from medvl_engine.models import resolve_model_path
-    from medvl_engine.rollout.worker import WorkerConfig
-
-    return WorkerConfig(model=resolve_model_path(cfg.model.path), connect=endpoint, producer_id=f"rollout-{shard}",
-                        shard_index=shard, num_shards=max(cfg.transport.workers, 1), data=cfg.data,
-                        rollout=cfg.rollout, keys=cfg.transport.keys)
-
-
-def make_weight_sync(cfg: GRPOConfig, source):
-    from medvl_engine.trainers.weight_sync import make_sync
-
-    feed = source.feed
-    kind = cfg.transport.sync_kind
-    if kind == "memory":
-        backends = [feed.backend] if feed is not None else []
-        return make_sync("memory", run_dir=cfg.logging.run_dir, backends=backends,
-                         bucket_mb=cfg.transport.sync_bucket_mb, run=feed.run if feed is not None else None)
-    return make_sync(kind, run_dir=cfg.logging.run_dir, announce=source.announce,
-                     bucket_mb=cfg.transport.sync_bucket_mb)
-
-
 def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
         feed=None, sync=None, on_step=None) -> list[dict]:
     """Train `cfg.steps` steps (from the last checkpoint with `resume`); returns the per-step metrics.
@@ -398,6 +311,7 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow
     from medvl_engine.trainers.distributed import seed_everything
     from medvl_engine.trainers.learner import Learner
     from medvl_engine.trainers.metrics import MetricsLog, RolloutLog
+    from medvl_engine.trainers.placement import build_source, make_weight_sync
 
     checkpoint.prepare_run_dir(cfg.logging.run_dir, resume=resume, overwrite=overwrite,
                                config=config_lib.to_dict(cfg), allow_changes=allow_changes)

@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 
 from medvl_engine.errors import UserError
-from medvl_engine.rollout.pool import FailedPrompt, RolloutPool, failed_message, is_constant, to_message
+from medvl_engine.rollout.groups import FailedPrompt, failed_message, is_constant, to_message
+from medvl_engine.rollout.pool import RolloutPool
 from medvl_engine.transport.messages import RolloutError, RolloutGroup, WeightVersion
 
 

@@ -219,13 +219,9 @@ class Reformatter:
         return wave
 
     def _build_backends(self):
-        from medvl_engine.models import resolve_model_path
-        from medvl_engine.rollout.config import make_rollout_backend
-        from medvl_engine.rollout.stream import load_renderer
+        from medvl_engine.rollout.config import open_rollout
 
-        path = resolve_model_path(self.cfg.reformat.model)
-        backend = make_rollout_backend(self.cfg.rollout, path)
-        renderer = getattr(backend, "processor", None) or load_renderer(path)
+        backend, renderer, _ = open_rollout(self.cfg.rollout, self.cfg.reformat.model)
         if not hasattr(renderer, "image_processor"):
             raise ValueError(f"reformat.model {self.cfg.reformat.model}: not an image-text model (its processor has "
                              "no image processor); reformat shows the model the images")
@@ -252,7 +248,8 @@ class Reformatter:
             return sum(1 for _ in f)
 
     async def _wave(self, wave: int, start: int) -> None:
-        from medvl_engine.rollout.pool import FailedPrompt, RolloutPool
+        from medvl_engine.rollout.groups import FailedPrompt
+        from medvl_engine.rollout.pool import RolloutPool
 
         total = self._wave_rows(wave)
         if total == 0:

@@ -10,5 +10,7 @@ The files, in the order data meets them:
 - `passrate.py`  `medvl-engine passrate` (pass counts of n samples, histogram)
 - `curate.py`    `medvl-engine curate` (keep a pass-count band, order by difficulty, save a dataset)
 - `report.py`    `medvl-engine report` (tables, runs side by side, MedVLThinker's published rows)
+- `curves.py`    a training run's curves (`curves.png`) and its table per step
+- `timeline.py`  a GRPO run's `timeline.jsonl` as `timeline.png`, with the overlap of generation and training
 - `reference_results.json`  MedVLThinker's published accuracy tables, with their source
 """

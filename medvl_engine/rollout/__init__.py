@@ -6,7 +6,8 @@ imported when a backend is built (`make_backend`).
 """
 
 from medvl_engine.rollout.backend import Backend, make_backend
-from medvl_engine.rollout.pool import FailedPrompt, PoolStats, RolloutPool, ScoredGroup, to_message
+from medvl_engine.rollout.groups import FailedPrompt, ScoredGroup, to_message
+from medvl_engine.rollout.pool import PoolStats, RolloutPool
 from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams, derive_seed
 
 __all__ = [

@@ -159,3 +159,20 @@ def make_rollout_backend(cfg: RolloutConfig, model_path: str, *, max_images: int
     if cfg.dtype != "auto":
         kwargs["dtype"] = names[cfg.dtype]
     return make_backend("sglang", model_path, **kwargs)
+
+
+def open_rollout(cfg: RolloutConfig, model: str, samples=(), *, colocated: bool = False, device: str | None = None):
+    """The one way every command opens its engine: resolve `model` (a folder, or a name of the embedded
+    models), build the backend `cfg` names with room for the most images one of `samples` carries, and
+    the tokenizer/processor whose chat template renders its prompts. Returns (backend, renderer, path).
+    `device` overrides an hf backend's `auto` device (colocated GRPO puts it on the learner's)."""
+    from dataclasses import replace
+
+    from medvl_engine.models import resolve_model_path
+    from medvl_engine.rollout.stream import backend_renderer
+
+    if device is not None and cfg.backend == "hf" and cfg.device == "auto":
+        cfg = replace(cfg, device=device)
+    path = resolve_model_path(model)
+    backend = make_rollout_backend(cfg, path, max_images=max_images(samples), colocated=colocated)
+    return backend, backend_renderer(backend, path), path

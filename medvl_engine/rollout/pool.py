@@ -3,7 +3,7 @@
     pool = RolloutPool(backends, requests, SamplingParams(n=8, temperature=1.0), max_in_flight=32)
     async for item in pool.stream(limit=256):
         if isinstance(item, FailedPrompt): log(item)           # reported, never silently dropped
-        else: sink(to_message(item, producer="w0", seq=...))  # a ScoredGroup
+        else: sink(to_message(item, producer="w0", seq=...))  # a ScoredGroup; medvl_engine.rollout.groups
 
 Scheduling: a prompt (one group of `n` answers) goes to the least-loaded backend that has a free
 slot (`max_in_flight` groups per backend); a group is scored and yielded the moment its `n` answers
@@ -21,10 +21,9 @@ attempt's reason. A prompt is scored once, after its one successful attempt. A p
 cannot be decoded never reaches a backend (where it would fail its whole batch on every retry): it
 comes out at once as a `FailedPrompt` with no attempts.
 
-Dynamic sampling: groups whose rewards are all equal carry no GRPO signal; they are dropped and
-counted (`stats.dropped_constant`) and the pool keeps pulling prompts until `limit` useful groups
-have been yielded or the prompts run out. (A learner consuming an ordered stream filters them itself,
-with the same `is_constant`, so that dropped positions are still accounted for.)
+Dynamic sampling (dropping groups whose rewards are all equal) is the consumer's: a learner consuming an
+ordered stream filters them itself, with `medvl_engine.rollout.groups.is_constant`, so that dropped positions
+are still accounted for.
 
 Window (`set_window(end)`): requests whose stream `position` is `end` or more are not started until
 the consumer raises the window. A learner opens exactly the positions its step will consume, so no
@@ -39,12 +38,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from medvl_engine.profiling import stage
 from medvl_engine.rollout.backend import Backend
+from medvl_engine.rollout.groups import FailedPrompt, ScoredGroup
 from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams
-from medvl_engine.transport.messages import RolloutGroup
 
 # How often a pool blocked only by the staleness bound re-reads the backends' weight versions
 # (backends do not announce updates to the pool): 20 ms is noise next to a weight update.
@@ -52,60 +49,9 @@ _STALENESS_POLL_S = 0.02
 
 
 @dataclass
-class ScoredGroup:
-    """The `n` scored answers of one prompt, ready for a learner or a sink."""
-
-    request: PromptRequest
-    completions: list[Completion]
-    rewards: np.ndarray  # float32 [n]
-    correct: np.ndarray  # bool [n]
-    format_ok: np.ndarray  # bool [n]
-    letters: list[str]  # the option letter each answer maps to ("" when none)
-    parsed: list[str]  # the extracted answer of each answer (the parser mode's extraction, not lowered)
-    weight_version: int  # the oldest policy version among the answers
-    attempts: int = 1
-    started: float = 0.0  # wall clock (time.time()) when its successful attempt started, for the run's timeline
-    finished: float = 0.0  # ... and when it was scored
-
-    def __post_init__(self):
-        n = len(self.completions)
-        if n == 0:
-            raise ValueError(f"ScoredGroup {self.request.prompt_id!r}: no completions")
-        for name in ("rewards", "correct", "format_ok", "letters", "parsed"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"ScoredGroup {self.request.prompt_id!r}: {name} has "
-                                 f"{len(getattr(self, name))} entries for {n} completions")
-
-    @property
-    def n(self) -> int:
-        return len(self.completions)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.completions)
-
-
-def is_constant(rewards) -> bool:
-    """True when every reward of a group is the same (no GRPO signal): the one dynamic-sampling test."""
-    rewards = np.asarray(rewards)
-    return bool(rewards.size == 0 or np.all(rewards == rewards.flat[0]))
-
-
-@dataclass
-class FailedPrompt:
-    """A prompt whose every attempt failed; `errors` holds one line per attempt, `reason` the last."""
-
-    request: PromptRequest
-    reason: str
-    attempts: int
-    errors: tuple[str, ...] = ()
-
-
-@dataclass
 class PoolStats:
     prompts_started: int = 0
     groups_emitted: int = 0
-    dropped_constant: int = 0
     failed: int = 0
     retried_attempts: int = 0
     tokens_generated: int = 0
@@ -131,7 +77,6 @@ class RolloutPool:
         params: SamplingParams,
         *,
         max_in_flight: int = 8,
-        dynamic_sampling: bool = False,
         max_staleness: int | None = None,
         retries: int = 2,
         timeout_s: float | None = None,
@@ -150,14 +95,10 @@ class RolloutPool:
             raise ValueError(f"RolloutPool: timeout_s must be > 0 or None, got {timeout_s}")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"RolloutPool: max_staleness must be >= 0 or None, got {max_staleness}")
-        if dynamic_sampling and params.n < 2:
-            raise ValueError("RolloutPool: dynamic_sampling drops groups with equal rewards, so it needs n >= 2 "
-                             f"(got n={params.n}: every group would be dropped)")
         check_mode(score_mode)
         self.backends = list(backends)
         self.params = params
         self.max_in_flight = max_in_flight
-        self.dynamic_sampling = dynamic_sampling
         self.max_staleness = max_staleness
         self.retries = retries
         self.timeout_s = timeout_s
@@ -249,9 +190,6 @@ class RolloutPool:
                     if isinstance(item, FailedPrompt):
                         self.stats.failed += 1
                         yield item
-                        continue
-                    if self.dynamic_sampling and is_constant(item.rewards):
-                        self.stats.dropped_constant += 1
                         continue
                     self.stats.groups_emitted += 1
                     emitted += 1
@@ -410,44 +348,3 @@ def run_to_end(coroutine):
 
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coroutine).result()
-
-
-def to_message(group: ScoredGroup, producer: str, seq: int) -> RolloutGroup:
-    """The wire form of a scored group (token ids and log-probs as raw buffers)."""
-    request = group.request
-    if request.input_ids is None:
-        raise ValueError(f"to_message: prompt {request.prompt_id!r} has no input_ids; the learner needs the "
-                         "prompt's token ids (build PromptRequest with input_ids)")
-    sample = request.sample
-    return RolloutGroup.build(
-        producer=producer,
-        seq=seq,
-        prompt_id=request.prompt_id,
-        dataset_name=sample.dataset_name if sample is not None else "",
-        dataset_index=sample.dataset_index if sample is not None else -1,
-        weight_version=group.weight_version,
-        answer_label=sample.answer_label if sample is not None else "",
-        prompt_ids=request.input_ids,
-        response_ids=[c.token_ids for c in group.completions],
-        logprobs=[c.logprobs for c in group.completions],
-        texts=[c.text for c in group.completions],
-        finish_reasons=[c.finish_reason for c in group.completions],
-        rewards=group.rewards,
-        correct=group.correct,
-        format_ok=group.format_ok,
-        letters=group.letters,
-        parsed=group.parsed,
-        position=request.position,
-        seed=request.seed,
-        images=request.images,
-        started=group.started,
-        finished=group.finished,
-    )
-
-
-def failed_message(item: FailedPrompt, producer: str, seq: int):
-    """The wire form of a prompt whose every attempt failed: it takes its sequence number like a group."""
-    from medvl_engine.transport.messages import RolloutError
-
-    return RolloutError(producer=producer, seq=seq, prompt_id=item.request.prompt_id, reason=item.reason,
-                        attempts=item.attempts, position=item.request.position)

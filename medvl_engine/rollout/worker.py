@@ -8,7 +8,7 @@ Its flags are those of `WorkerConfig`, the same `data` and `rollout` sections as
 a learner hands its workers their configuration as a file, so a worker samples exactly what the
 colocated learner would. It runs a RolloutPool over one backend (data-parallel replicas are separate
 worker processes, each a shard of one PromptStream) and sends every group to the learner with
-`medvl_engine.transport.channel.GroupSender`, waiting for credit when the learner is behind.
+`medvl_engine.transport.sender.GroupSender`, waiting for credit when the learner is behind.
 
 Positions: worker i of W answers the stream positions k = i mod W (`PromptStream`); its group (or
 its RolloutError) for position k goes out with sequence number (k - i) / W, in order (groups that
@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from medvl_engine.config import param
 from medvl_engine.rollout.backend import Backend
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
-from medvl_engine.rollout.pool import FailedPrompt, RolloutPool, failed_message, to_message
-from medvl_engine.rollout.stream import PromptStream, backend_renderer
+from medvl_engine.rollout.groups import FailedPrompt, failed_message, to_message
+from medvl_engine.rollout.pool import RolloutPool
+from medvl_engine.rollout.stream import PromptStream
 
 logger = logging.getLogger(__name__)
 
@@ -91,15 +92,12 @@ def main(args) -> int:
 
 
 def run(cfg: WorkerConfig) -> int:
-    from medvl_engine.models import resolve_model_path
-    from medvl_engine.rollout.config import make_rollout_backend, max_images
+    from medvl_engine.rollout.config import open_rollout
     from medvl_engine.rollout.stream import load_data
-    from medvl_engine.transport.channel import GroupSender
+    from medvl_engine.transport.sender import GroupSender
 
     samples = load_data(cfg.data)
-    path = resolve_model_path(cfg.model)
-    backend = make_rollout_backend(cfg.rollout, path, max_images=max_images(samples))
-    renderer = backend_renderer(backend, path)
+    backend, renderer, _ = open_rollout(cfg.rollout, cfg.model, samples)
     stream = PromptStream.from_config(samples, renderer, cfg.data, cfg.rollout.seed, shard=cfg.shard_index,
                                       num_shards=cfg.num_shards, stop=cfg.max_prompts or None,
                                       max_prompt_tokens=cfg.rollout.max_prompt_tokens)

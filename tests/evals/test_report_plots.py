@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from medvl_engine.cli import main as cli
-from medvl_engine.evals.report import TABLE_ROWS, is_training_run, plot_training
+from medvl_engine.evals.curves import TABLE_ROWS, is_training_run, plot_training
 
 GRPO_KEYS = ("reward", "accuracy", "format", "kl", "response_len", "clip_frac", "dual_clip_frac", "tokens_per_s",
              "loss")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from medvl_engine.cli import main as cli
-from medvl_engine.evals.report import covered_seconds, merge_intervals, plot_timeline, read_timeline, timeline_overlap
+from medvl_engine.evals.timeline import covered_seconds, merge_intervals, plot_timeline, read_timeline, timeline_overlap
 
 # Two steps; training (collate, logprobs, update) is [1, 4] and [4.6, 8]; rollout-0 generates in [0, 1]
 # (two groups) and [3, 6], rollout-1 in [7, 9]: 1 s of step 1's 3 s and 2.4 s of step 2's 3.4 s overlap.

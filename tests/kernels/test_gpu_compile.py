@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 
-from medvl_engine.kernels import compile_check
+from medvl_engine.kernels import compile_check, compile_target
 
 pytestmark = pytest.mark.gpu_compile
 
@@ -38,7 +38,7 @@ def _rows(report, kernel, arch):
 
 def test_every_jit_function_is_launched_or_called_by_a_launched_kernel():
     launched = {launch.kernel for launch in compile_check.launcher_launches()}
-    functions = compile_check.jit_functions()
+    functions = compile_target.jit_functions()
     helpers = set(functions) - launched
     for name in helpers:
         callers = [k for k in launched if f"{name}(" in inspect.getsource(functions[k].fn)]
@@ -75,14 +75,14 @@ def test_ptxas_log_and_ptx_parsing():
     log = ("ptxas info    : Compiling entry function '_k' for 'sm_80'\nptxas info    : Function properties for _k\n"
            "    8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads\n"
            "ptxas info    : Used 255 registers, used 1 barriers, 380 bytes cmem[0]\n")
-    assert compile_check.parse_ptxas_log(log) == {"registers": 255, "spill_stores": 12, "spill_loads": 4,
-                                                  "stack_bytes": 8}
+    assert compile_target.parse_ptxas_log(log) == {"registers": 255, "spill_stores": 12, "spill_loads": 4,
+                                                   "stack_bytes": 8}
     with pytest.raises(ValueError, match="no register"):
-        compile_check.parse_ptxas_log("ptxas fatal   : Unresolved extern function")
+        compile_target.parse_ptxas_log("ptxas fatal   : Unresolved extern function")
     ptx = ("\tld.global.b64 { %rd6 }, [ %rd7 + 0 ];\n\t@%p3 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd17 + 0 ];\n"
            "\t@%p27 ld.global.L1::evict_last.b16 { %rs17 }, [ %rd19 + 0 ];\n")
-    assert compile_check.widest_global_load(ptx) == 128
-    assert compile_check.widest_global_load("\tld.global.b16 { %rs1 }, [ %rd1 + 0 ];") == 16
+    assert compile_target.widest_global_load(ptx) == 128
+    assert compile_target.widest_global_load("\tld.global.b16 { %rs1 }, [ %rd1 + 0 ];") == 16
 
 
 def test_problems_name_spills_budget_overruns_and_errors():

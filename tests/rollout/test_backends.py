@@ -133,7 +133,8 @@ def test_weight_updates_change_the_answers_and_the_version(engine, folders):
 
 def test_the_pool_streams_scored_versioned_groups(engine, folders):
     from medvl_engine.data import load_bundled
-    from medvl_engine.rollout.pool import RolloutPool, ScoredGroup
+    from medvl_engine.rollout.groups import ScoredGroup
+    from medvl_engine.rollout.pool import RolloutPool
     from medvl_engine.rollout.stream import PromptStream, load_renderer
 
     name, backend, _ = engine

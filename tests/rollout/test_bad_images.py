@@ -17,7 +17,8 @@ from PIL import Image
 from scripted_backend import ScriptedBackend, correct_answer
 
 from medvl_engine.data import DataError, Sample, load_samples
-from medvl_engine.rollout.pool import FailedPrompt, RolloutPool, ScoredGroup
+from medvl_engine.rollout.groups import FailedPrompt, ScoredGroup
+from medvl_engine.rollout.pool import RolloutPool
 from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams
 
 

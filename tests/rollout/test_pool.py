@@ -1,4 +1,4 @@
-"""RolloutPool scheduling, staleness bound, dynamic sampling, retries and failure reporting.
+"""RolloutPool scheduling, staleness bound, retries and failure reporting; a scored group's wire form.
 
 Driven by ScriptedBackend (a test double with controlled delays and faults); scoring is the real
 `medvl_engine.rewards.score_samples`.
@@ -14,7 +14,8 @@ import pytest
 from scripted_backend import ScriptedBackend
 
 from medvl_engine.data import Sample
-from medvl_engine.rollout.pool import FailedPrompt, RolloutPool, ScoredGroup, to_message
+from medvl_engine.rollout.groups import FailedPrompt, ScoredGroup, to_message
+from medvl_engine.rollout.pool import RolloutPool
 from medvl_engine.rollout.types import PromptRequest, SamplingParams
 from medvl_engine.transport.messages import RolloutGroup, decode, encode
 
@@ -78,26 +79,6 @@ def test_limit_stops_pulling_prompts():
     assert len(items) == 5
     # The pool never starts more groups than it still needs: 95 prompts are left for the next stream.
     assert len(list(requests)) == 95
-
-
-def test_dynamic_sampling_drops_constant_groups_and_keeps_pulling():
-    def answer(request, k):
-        # Even prompts: all 4 answers correct (constant, dropped); odd prompts: half right.
-        label = request.sample.answer_label
-        wrong = "B" if label == "A" else "A"
-        right = request.sample.dataset_index % 2 == 0 or k % 2
-        return f"<think>x</think> <answer>{label if right else wrong}</answer>"
-
-    pool = RolloutPool([ScriptedBackend("a", answer=answer)], make_requests(40), PARAMS, max_in_flight=2,
-                       dynamic_sampling=True)
-    items = run(collect(pool, limit=5))
-    assert len(items) == 5
-    assert all(i.request.sample.dataset_index % 2 == 1 for i in items)
-    assert all(i.rewards.min() == 0.0 and i.rewards.max() == 1.0 for i in items)
-    assert pool.stats.dropped_constant >= 4
-    assert pool.stats.prompts_started == pool.stats.dropped_constant + 5
-    with pytest.raises(ValueError, match="n >= 2"):
-        RolloutPool([ScriptedBackend("a")], [], SamplingParams(n=1), dynamic_sampling=True)
 
 
 def test_failing_call_is_retried_on_another_backend():

@@ -24,8 +24,9 @@ from medvl_engine.rollout.launcher import WorkerDied, WorkerProcess
 from medvl_engine.rollout.stream import PromptStream
 from medvl_engine.rollout.types import derive_seed
 from medvl_engine.rollout.worker import RolloutWorker
-from medvl_engine.transport.channel import GroupReceiver, GroupSender
 from medvl_engine.transport.messages import RolloutGroup, WeightVersion
+from medvl_engine.transport.receiver import GroupReceiver
+from medvl_engine.transport.sender import GroupSender
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_a_toy_grpo_run_writes_tensorboard_scalars_equal_to_its_metrics_jsonl_an
     pytest.importorskip("tensorboard")
     from test_grpo import run_toy, toy_config
 
-    from medvl_engine.evals.report import write_training_report
+    from medvl_engine.evals.curves import write_training_report
 
     run_dir = tmp_path / "run"
     cfg = toy_config(toy_model, run_dir)

@@ -19,8 +19,9 @@ import pytest
 import zmq
 from transport_producer import make_message
 
-from medvl_engine.transport.channel import GroupReceiver, GroupSender
 from medvl_engine.transport.messages import Credit, Hello, ImageData, RolloutGroup, encode
+from medvl_engine.transport.receiver import GroupReceiver
+from medvl_engine.transport.sender import GroupSender
 
 
 class RawPeer:

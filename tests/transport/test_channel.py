@@ -13,14 +13,10 @@ import time
 import pytest
 import zmq
 
-from medvl_engine.transport.channel import (
-    AUTO_SEQ,
-    GroupReceiver,
-    GroupSender,
-    SequenceGap,
-    TransportError,
-)
 from medvl_engine.transport.messages import Credit, Hello, RolloutError, RolloutGroup, WeightVersion, decode, encode
+from medvl_engine.transport.protocol import AUTO_SEQ, SequenceGap, TransportError
+from medvl_engine.transport.receiver import GroupReceiver
+from medvl_engine.transport.sender import GroupSender
 
 
 def group(seq: int = AUTO_SEQ, producer: str = "", tokens: int = 3) -> RolloutGroup:

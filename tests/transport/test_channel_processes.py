@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from transport_producer import make_message
 
-from medvl_engine.transport.channel import GroupReceiver
+from medvl_engine.transport.receiver import GroupReceiver
 
 PRODUCER_SCRIPT = Path(__file__).with_name("transport_producer.py")
 

@@ -11,9 +11,11 @@ import stat
 import pytest
 
 from medvl_engine import cli
-from medvl_engine.transport.channel import GroupReceiver, GroupSender, TransportError
 from medvl_engine.transport.keys import KEYS_ENV, create_keys, reachable_from_other_hosts
 from medvl_engine.transport.messages import RolloutError
+from medvl_engine.transport.protocol import TransportError
+from medvl_engine.transport.receiver import GroupReceiver
+from medvl_engine.transport.sender import GroupSender
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ import msgspec
 import numpy as np
 import zmq
 
-from medvl_engine.transport.channel import GroupSender
 from medvl_engine.transport.messages import Credit, Hello, RolloutError, RolloutGroup, encode
+from medvl_engine.transport.sender import GroupSender
 
 
 def make_message(producer: str, seq: int) -> RolloutGroup | RolloutError:

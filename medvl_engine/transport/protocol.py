@@ -1,0 +1,144 @@
+"""The ZeroMQ channel of scored rollout groups: `GroupSender` (rollout worker) -> `GroupReceiver` (learner).
+
+This module holds the protocol (constants, errors, helpers both sides share); the sides are in
+`sender.py` and `receiver.py`, the CURVE key check of the receiver in `admission.py`.
+
+Socket pattern: the receiver is a ROUTER, each sender a DEALER. The channel is two-way per producer
+(groups flow to the learner; credits and weight announcements flow back, to one producer or to all),
+and ROUTER/DEALER is the ZeroMQ pattern that gives every peer an address on one asynchronous
+bidirectional connection. REQ/REP would allow one group per round trip (~130 us, far below the link's
+~25k messages/s); PUSH/PULL is one-way and would need a second socket pair matched by hand; PUB/SUB
+drops messages at its high-water mark. Either side may bind (`bind=` / `connect=`): `ipc://` on one
+node, `tcp://` across nodes.
+
+Protocol (messages in `medvl_engine.transport.messages`):
+1. The sender connects and sends `Hello(producer, pid)`. The Hello binds the connection's routing id (128
+   random bits per process, chosen by the sender) to the producer: from then on every frame of that
+   connection is that producer's, and a frame whose body names another producer is dropped. Nothing is
+   accepted from a connection before its Hello.
+2. The receiver answers `Credit(producer, credits, next_seq, consumer_version, window, max_message_bytes)`:
+   `next_seq` is the first sequence number of this producer it has not received, and the producer may send
+   sequence numbers below `next_seq + credits`; then the latest `WeightVersion`, if one was announced.
+3. The sender numbers its messages 0, 1, 2, ... per producer (`RolloutGroup` and `RolloutError` alike)
+   and never goes past its limit, so at most `window` (the receiver's `credits=`) of its messages are in
+   transit or waiting unconsumed in the receiver: a slow learner bounds the workers' memory.
+4. The receiver grants credit as its application consumes messages: every `credits // 4` messages
+   per producer, and, before it reads the socket, to every producer that has used up its credit. The
+   sender looks for Credits when its credit runs under a quarter window (and every 8th send). Each
+   Credit restates the whole limit, so a repeated Credit does no harm.
+5. A closing sender sends `Goodbye`, and the receiver answers with a Credit whose `next_seq` says how
+   much of the stream arrived; the sender closes once it is all there (or `linger_s` has passed).
+
+Admission: the receiver outlives any peer. A frame that is not one message (`multipart`), not msgpack
+(`undecodable`), not a message of ours or of impossible shape (`invalid`), a Credit or WeightVersion
+(`unexpected_type`), from a connection that never said Hello (`no_hello`), naming another producer than its
+connection's (`wrong_producer`), at or past the producer's credit limit (`over_credit`), or a Hello of a new
+producer past `max_producers` (`too_many_producers`) is dropped, counted in `stats.dropped[reason]` and
+logged with the peer (the 1st, 10th, 100th ... of each reason), and the stream goes on. A message over
+`max_message_bytes` never reaches the channel: libzmq (ZMQ_MAXMSGSIZE) cuts the connection that sent it
+(a DEALER reconnects) without telling why, so those are not counted; a GroupSender refuses to send one.
+
+Memory: a producer's messages are accepted only below its credit limit, so at most `credits` of them wait
+here unconsumed; libzmq reads at most `credits + 16` more from one connection (RCVHWM) before it stops
+reading it (TCP then throttles the sender). Each message is at most `max_message_bytes`, and there are at
+most `max_producers` producers (and `_MAX_SESSIONS` remembered connections each).
+
+Security: an `ipc://` socket file is created owner-only (0600): only this user's processes connect. A
+`tcp://` endpoint other hosts can reach uses ZeroMQ CURVE (`medvl_engine.transport.keys`): the connection
+is encrypted and only peers that hold the run's keys finish the handshake, so a stranger's frame never
+arrives. Loopback tcp is unauthenticated unless given keys. A peer that can connect and says Hello under a
+live producer's name is taken for that producer's restart (below): the keys and the socket's permissions
+are what keep strangers out; admission bounds what an authenticated peer's mistakes can cost.
+
+Sequence numbers: the receiver delivers, per producer, 0, 1, 2, ... in order and each once. A message
+below the expected number is a duplicate: dropped and counted (`stats.duplicates`). A message above it
+means messages were lost: `recv` raises `SequenceGap` once (the loss is already counted in
+`stats.lost`, the message is kept, and a caller that catches it may go on), or, with `on_gap="count"`,
+only counts it.
+
+Restart contract: a sequence number names a position in the producer's stream of prompts, not one
+particular sample. A producer that restarts (a new process with the same `producer_id`) asks the
+receiver where it stands, `sender.handshake()` returns that position, and the rollout side regenerates
+from it: position k gets the same prompt as before. Messages the dead process had already put on the
+wire may still arrive after the new one starts; the first copy of position k to arrive is delivered,
+the other is dropped as a duplicate, so nothing is lost or delivered twice. One live process per
+`producer_id`. The receiver must stay up meanwhile; a new receiver (a learner restart) continues from
+`start_seqs=` (saved from `receiver.positions()`), and the producers are restarted so they ask again.
+
+Usage:
+    # learner (keys from `medvl-engine keys DIR`, the same folder on every node)
+    receiver = GroupReceiver("tcp://0.0.0.0:5555", credits=32, keys="DIR")
+    for msg in receiver:            # RolloutGroup | RolloutError, per producer in sequence order
+        ...
+        receiver.announce(WeightVersion(version=3, path="/ckpt/step3"))
+    # rollout worker
+    sender = GroupSender("tcp://learner:5555", "worker-0", keys="DIR")
+    position = sender.handshake()   # regenerate the prompt stream from this position
+    sender.send(group)              # group.seq = AUTO_SEQ (-1) or the position it was made for
+    update = sender.poll_weight_version()   # or GroupSender(..., on_weights=callback)
+    sender.close()
+
+Zero-copy where pyzmq allows: messages go out with `copy=False` (pyzmq hands buffers over 64 KiB to
+libzmq without a copy) and are decoded straight from the received frame's buffer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import zmq
+
+from medvl_engine.transport.messages import RolloutError, RolloutGroup
+
+AUTO_SEQ = -1  # a message's `seq` that the sender fills with the stream's next position
+MAX_MESSAGE_BYTES = 256 << 20  # default receiver limit: a group of 8 answers of 4k tokens is ~0.3 MB
+MAX_PRODUCERS = 1024
+_MAX_NAME = 256  # characters of a producer name
+
+StreamMessage = RolloutGroup | RolloutError
+
+
+class TransportError(RuntimeError):
+    """The channel cannot go on as the protocol says."""
+
+
+class ProtocolError(TransportError):
+    """A peer sent something the protocol does not allow (undecodable bytes, a wrong message type)."""
+
+
+class SequenceGap(TransportError):
+    """Messages of a producer were lost: `received` arrived while `expected` was the next number."""
+
+    def __init__(self, producer: str, expected: int, received: int) -> None:
+        self.producer, self.expected, self.received = producer, expected, received
+        super().__init__(f"producer {producer!r}: expected sequence number {expected}, received {received} "
+                         f"({received - expected} message(s) lost)")
+
+
+def _check_timeout(timeout: float | None, where: str) -> float | None:
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"{where}: timeout must be None or >= 0 seconds, got {timeout!r}")
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _open(sock: zmq.Socket, endpoint: str, bind: bool) -> None:
+    """Connect, or bind; an ipc socket file is owner-only from the moment it exists."""
+    if not bind:
+        sock.connect(endpoint)
+        return
+    if not endpoint.startswith("ipc://"):
+        sock.bind(endpoint)
+        return
+    if endpoint.startswith("ipc://@"):
+        raise ValueError("an abstract ipc socket (ipc://@name) has no file permissions: any local user could "
+                         "connect; bind a path (ipc:///run/user/UID/medvl.sock)")
+    # libzmq creates the file inside zmq_bind, in this thread: under umask 077 it is born 0600, where a chmod
+    # after the bind would leave a moment in which any local user could connect. The umask is the process's,
+    # restored at once; a file another thread creates meanwhile is at worst owner-only.
+    umask = os.umask(0o077)
+    try:
+        sock.bind(endpoint)
+    finally:
+        os.umask(umask)
+    os.chmod(sock.getsockopt_string(zmq.LAST_ENDPOINT)[len("ipc://"):], 0o600)
