@@ -2,12 +2,15 @@
 
     python benchmarks/bench_build_data.py                       # 100k captions; dedup index at 100k and 1M
     python benchmarks/bench_build_data.py --rows 20000 --index-rows 100000
+    python benchmarks/bench_build_data.py --rows 16 --index-rows 64 --million 256 --probe-batches 1 \
+        --skip encoder                                          # smoke-test sizes (tests/test_benchmarks.py)
 
 Measurements (each in its own process, so its memory peak is its own):
 
 - filter-text, filter-image: the stages as the command runs them (`run_stage`, checkpoints included)
   over `--rows` generated captions (`medvl_engine.databuild.synthetic`); the images are a pool of 64
-  JPEG/PNG files of 200-800 pixels that the rows share, so every row still decodes its image.
+  JPEG/PNG files of 200-830 pixels (fewer under 64 rows) that the rows share, so every row still decodes
+  its image.
 - dedup encoder: the default encoder (SmolLM2-135M mean-pooled, float32) on `--encoder-rows` captions;
   on a CPU it is the whole cost of dedup (a few rows/s on 2 cores), so it is timed apart.
 - dedup index: the exact greedy search (`Deduplicator`) over synthetic unit embeddings (576 dims, the
@@ -35,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 DIM = 576
+MEASUREMENTS = ("filter-text", "filter-image", "encoder", "index", "million")
 
 
 def peak_mib() -> float:
@@ -45,7 +49,7 @@ def write_source(folder: Path, rows: int) -> Path:
     from medvl_engine.databuild.synthetic import synthetic_captions, write_image
 
     images = []
-    for k in range(64):
+    for k in range(min(64, rows)):  # a smaller run (a smoke test) writes only the images its rows use
         side = 200 + 10 * k
         images.append(str(write_image(folder / "images" / f"{k}.{'jpg' if k % 2 else 'png'}", side, side, seed=k)))
     source = folder / "captions.jsonl"
@@ -146,7 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--index-rows", type=int, default=100_000, help="synthetic embeddings deduplicated")
     parser.add_argument("--million", type=int, default=1_000_000, help="embeddings loaded for the memory row")
     parser.add_argument("--probe-batches", type=int, default=4, help="batches of 64 searched against the 1M index")
-    parser.add_argument("--skip", nargs="*", default=[], help="measurements to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=MEASUREMENTS, metavar="MEASUREMENT",
+                        help=f"measurements to leave out ({', '.join(MEASUREMENTS)})")
     parser.add_argument("--out", default=None, help="JSON-lines output (default: the temp folder)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -156,14 +161,17 @@ def main(argv=None) -> int:
     from medvl_engine.benchmarking import format_table, write_rows
 
     rows = []
-    for measure in ("filter-text", "filter-image", "encoder", "index", "million"):
+    for measure in MEASUREMENTS:
         if measure in args.skip:
             continue
         cmd = [sys.executable, __file__, "--measure", measure, "--rows", str(args.rows), "--encoder-rows",
                str(args.encoder_rows), "--index-rows", str(args.index_rows), "--million", str(args.million),
                "--probe-batches", str(args.probe_batches)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        row = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:  # the child's traceback, not only its exit status
+            sys.stderr.write(done.stderr[-4000:])
+            raise SystemExit(f"{measure}: the measuring process failed (exit {done.returncode})")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"{row['stage']}: {row['rows_per_s']:.1f} rows/s", file=sys.stderr, flush=True)
     print(format_table(rows, ["stage", "rows", "seconds", "rows_per_s", "kept", "index_mib", "peak_rss_mib"]))

@@ -4,11 +4,12 @@ A random Llama with Qwen2.5's vocabulary (V = 151,936) and a tiny body goes thro
 (DeepSpeed, ZeRO stage 0 by default) and runs `response_logprobs` + `backward` on one micro-batch of
 right-padded prompt+answer rows, once per path: `fused` (answer rows of the final hidden states
 through `linear_token_logprobs`, the default) and `logits` (the [B, L, V] logits, then `token_logprobs`),
-each with and without the entropy term.
+each with and without the entropy term (`--entropy`).
 
     python benchmarks/bench_learner.py                          # CPU: hidden 64, fp32
     python benchmarks/bench_learner.py --hidden 3584 --dtype bf16   # GPU: Qwen2.5-7B's hidden size
     python benchmarks/bench_learner.py --answers 448 448 --prompt 64   # answer-heavy rows
+    python benchmarks/bench_learner.py --vocab 512 --prompt 8 --answers 8 4 --repeats 1 --entropy off   # smoke test
 
 Memory: each configuration runs in its own child process, so one path's allocator state never
 flatters the other, and reports the extra peak above what is live before the step: on a GPU
@@ -33,6 +34,7 @@ from pathlib import Path
 
 VOCAB = 151_936
 PATHS = ("logits", "fused")
+ENTROPY = {"both": (False, True), "off": (False,), "on": (True,)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on a GPU, else fp32")
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each path")
+    parser.add_argument("--entropy", choices=tuple(ENTROPY), default="both",
+                        help="measure the step without the entropy term (off), with it (on) or both; every setting "
+                             "costs three child processes")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--out", default=None, help="JSON-lines output")
     parser.add_argument("--child", nargs=3, metavar=("MODEL_DIR", "MODE", "ENTROPY"), help=argparse.SUPPRESS)
@@ -93,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-learner-") as scratch:
         model_dir = save_random_llama(Path(scratch) / "model", args.vocab, args.hidden, args.layers)
-        for entropy in (False, True):
+        for entropy in ENTROPY[args.entropy]:
             times = run_child(args, model_dir, "time", entropy)
             base = None
             for path in PATHS:

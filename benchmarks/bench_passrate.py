@@ -60,16 +60,20 @@ def load(args):
 def run_pool(model, tokenizer, questions, args) -> tuple[float, int]:
     """`medvl-engine passrate`'s path: the pool over an HFBackend, records appended to a results file."""
     from medvl_engine.evals.results import ResultsFile
-    from medvl_engine.evals.runner import DecodingConfig, generate_into
+    from medvl_engine.evals.runner import generate_into
+    from medvl_engine.rollout.config import RolloutConfig
     from medvl_engine.rollout.hf_backend import HFBackend
 
-    params = DecodingConfig(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=args.seed).params()
+    # The sampling and the pool's bounds as `medvl-engine passrate --rollout.*` would set them; each question
+    # samples with a seed derived from (seed, its position), as in a pass-rate run.
+    rollout = RolloutConfig(n=args.n, temperature=1.0, top_p=1.0, max_response_tokens=args.max_new_tokens,
+                            seed=args.seed, device=args.device, max_batch=args.max_batch)
     with tempfile.TemporaryDirectory() as tmp:
         async def run():
             backend = HFBackend(model, tokenizer, device=args.device, max_batch=args.max_batch)
             try:
                 return await generate_into(ResultsFile(Path(tmp) / "results.jsonl"), questions, [backend], tokenizer,
-                                           params, mode="reward", progress_every_s=0)
+                                           rollout, mode="reward", progress_every_s=0)
             finally:
                 await backend.shutdown()
 
@@ -121,13 +125,15 @@ def main(argv=None) -> int:
     import torch
 
     from medvl_engine.benchmarking import device_name, format_table, write_rows
-    from medvl_engine.evals.runner import QuestionsConfig, load_questions
+    from medvl_engine.rollout.config import DataConfig
+    from medvl_engine.rollout.stream import load_data
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args)
-    questions = load_questions(QuestionsConfig(source=args.source, split=args.split, ignore_images=True,
-                                               limit=args.questions + 1))
+    # Dataset order, images dropped (a text model answers the question text), one extra for the warm-up.
+    questions = load_data(DataConfig(source=args.source, split=args.split, ignore_images=True, shuffle=False,
+                                     max_samples=args.questions + 1))
     warm, questions = questions[:1], questions[1:]
     # One untimed question each: the first generate call pays one-off kernel set-up.
     run_loop(model, tokenizer, warm, args)
