@@ -35,12 +35,14 @@ from typing import Literal
 
 import numpy as np
 
+from medvl_engine import run_folder
 from medvl_engine.config import param
+from medvl_engine.errors import ConfigError, DataError, RunFolderError
 
 logger = logging.getLogger(__name__)
 
 ORDERS = ("easy_to_hard", "hard_to_easy", "shuffled")
-RESULTS_NAME = "results.jsonl"
+RESULTS_NAME = run_folder.RESULTS
 SUMMARY_NAME = "curation.json"
 
 
@@ -63,25 +65,25 @@ class CurateConfig:
     def __post_init__(self):
         for name in ("source", "pass_counts", "output"):
             if not getattr(self, name):
-                raise ValueError(f"curate: --{name.replace('_', '-')} is required")
+                raise ConfigError(f"curate: --{name.replace('_', '-')} is required")
         if self.band_of < 1:
-            raise ValueError(f"curate: band_of must be >= 1, got {self.band_of}")
+            raise ConfigError(f"curate: band_of must be >= 1, got {self.band_of}")
         if not 0 <= self.min_pass <= self.max_pass:
-            raise ValueError(f"curate: need 0 <= min_pass <= max_pass, got {self.min_pass}..{self.max_pass}")
+            raise ConfigError(f"curate: need 0 <= min_pass <= max_pass, got {self.min_pass}..{self.max_pass}")
         if self.max_pass > self.band_of:
-            raise ValueError(f"curate: max_pass {self.max_pass} exceeds the {self.band_of} samples per question "
-                             "the band is for (--band-of)")
+            raise ConfigError(f"curate: max_pass {self.max_pass} exceeds the {self.band_of} samples per question "
+                              "the band is for (--band-of)")
         if self.order not in ORDERS:
-            raise ValueError(f"curate: order {self.order!r} is not one of {ORDERS}")
+            raise ConfigError(f"curate: order {self.order!r} is not one of {ORDERS}")
 
 
 def check_pass_count_run(cfg: CurateConfig, num_rollouts: int) -> None:
     """Refuse pass counts that do not fit `cfg`: out of another sample count than the band is for, or from a
     pass-rate run over another dataset than `cfg.source` (its manifest says which; rows join by index)."""
     if num_rollouts != cfg.band_of:
-        raise ValueError(f"curate: the pass counts in {cfg.pass_counts} are out of {num_rollouts} samples but the "
-                         f"band {cfg.min_pass}..{cfg.max_pass} is for --band-of {cfg.band_of}; give --band-of "
-                         f"{num_rollouts} with --min-pass and --max-pass for that many")
+        raise ConfigError(f"curate: the pass counts in {cfg.pass_counts} are out of {num_rollouts} samples but the "
+                          f"band {cfg.min_pass}..{cfg.max_pass} is for --band-of {cfg.band_of}; give --band-of "
+                          f"{num_rollouts} with --min-pass and --max-pass for that many")
     from medvl_engine.evals.manifest import MANIFEST_NAME, read_manifest
 
     folder = Path(cfg.pass_counts)
@@ -91,9 +93,9 @@ def check_pass_count_run(cfg: CurateConfig, num_rollouts: int) -> None:
     data = read_manifest(folder).get("identity", {}).get("data", {})
     recorded = (_same_source(data.get("source")), data.get("split"))
     if data and recorded != (_same_source(cfg.source), cfg.split):
-        raise ValueError(f"curate: the pass counts in {folder} were measured on {data.get('source')} (split "
-                         f"{data.get('split')}), not on --source {cfg.source} (split {cfg.split}); rows are joined "
-                         "by dataset_index, so they would be matched to other questions")
+        raise ConfigError(f"curate: the pass counts in {folder} were measured on {data.get('source')} (split "
+                          f"{data.get('split')}), not on --source {cfg.source} (split {cfg.split}); rows are joined "
+                          "by dataset_index, so they would be matched to other questions")
 
 
 def _same_source(source) -> str | None:
@@ -142,14 +144,14 @@ def read_pass_counts(path: str | Path) -> tuple[dict[int, int], int]:
     rollouts: set[int] = set()
     for index, num_correct, num_rollouts in iter_pass_counts(path):
         if not 0 <= num_correct <= num_rollouts:
-            raise ValueError(f"{path}: dataset_index {index} has num_correct={num_correct} of {num_rollouts}")
+            raise RunFolderError(f"{path}: dataset_index {index} has num_correct={num_correct} of {num_rollouts}")
         counts[index] = num_correct
         rollouts.add(num_rollouts)
     if not counts:
-        raise ValueError(f"{path}: no pass counts")
+        raise RunFolderError(f"{path}: no pass counts")
     if len(rollouts) > 1:
-        raise ValueError(f"{path}: records come from different sample counts {sorted(rollouts)}; pass counts "
-                         "of different n cannot share one band")
+        raise RunFolderError(f"{path}: records come from different sample counts {sorted(rollouts)}; pass counts "
+                             "of different n cannot share one band")
     return counts, rollouts.pop()
 
 
@@ -165,10 +167,10 @@ def select(
 ) -> Curation:
     """Which rows (positions in `dataset_indices`) to keep, in output order, and the drop counts."""
     if order not in ORDERS:
-        raise ValueError(f"order {order!r} is not one of {ORDERS}")
+        raise ConfigError(f"order {order!r} is not one of {ORDERS}")
     known = set(dataset_indices)
     if len(known) != len(dataset_indices):
-        raise ValueError("dataset_index values of the dataset are not unique; they cannot be joined")
+        raise DataError("dataset_index values of the dataset are not unique; they cannot be joined")
     keep, below, above, missing = [], 0, 0, 0
     for row, index in enumerate(dataset_indices):
         count = pass_counts.get(index)
@@ -291,13 +293,13 @@ def _check_output(cfg: CurateConfig) -> None:
     output = Path(cfg.output)
     check_not_input(output, [cfg.source, cfg.pass_counts])
     if output.exists() and not output.is_dir():
-        raise FileExistsError(f"curate: --output {output} is a file; choose a folder")
+        raise RunFolderError(f"curate: --output {output} is a file; choose a folder")
     if output.is_dir() and any(output.iterdir()):
         if not cfg.overwrite:
-            raise FileExistsError(f"output folder {output} is not empty (pass --overwrite to replace it)")
+            raise RunFolderError(f"output folder {output} is not empty (pass --overwrite to replace it)")
         if not (output / SUMMARY_NAME).is_file():
-            raise FileExistsError(f"--overwrite: {output} has no {SUMMARY_NAME}, so curate did not write it; "
-                                  "remove it yourself or choose another --output")
+            raise RunFolderError(f"--overwrite: {output} has no {SUMMARY_NAME}, so curate did not write it; "
+                                 "remove it yourself or choose another --output")
 
 
 def _move_into_place(written: Path, output: Path) -> None:

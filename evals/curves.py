@@ -10,11 +10,13 @@ import json
 import math
 from pathlib import Path
 
+from medvl_engine import run_folder
+from medvl_engine.errors import RunFolderError
 from medvl_engine.evals.manifest import MANIFEST_NAME
 from medvl_engine.evals.timeline import TIMELINE_PNG, plot_timeline, read_timeline, timeline_markdown
 
-METRICS_NAME = "metrics.jsonl"
-CURVES_NAME = "curves.png"
+METRICS_NAME = run_folder.METRICS
+CURVES_NAME = run_folder.CURVES_PNG
 # (panel title, the metrics.jsonl keys drawn in it): GRPOTrainer.metrics and SFTTrainer.train_step's rows
 TRAINING_PANELS = (
     ("reward", ("reward",)),
@@ -40,7 +42,7 @@ def read_metrics(folder: str | Path) -> list[dict]:
     path = Path(folder) / METRICS_NAME
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows:
-        raise ValueError(f"{path}: no steps logged yet")
+        raise RunFolderError(f"{path}: no steps logged yet")
     for row in rows:
         if "tokens_per_s" not in row and row.get("seconds") and "tokens" in row:
             row["tokens_per_s"] = row["tokens"] / row["seconds"]
@@ -71,7 +73,7 @@ def plot_training(rows: list[dict], path: str | Path, *, title: str = "") -> Pat
 
     panels = training_panels(rows)
     if not panels:
-        raise ValueError(f"{path}: the run logged none of {[k for _, keys in TRAINING_PANELS for k in keys]}")
+        raise RunFolderError(f"{path}: the run logged none of {[k for _, keys in TRAINING_PANELS for k in keys]}")
     cols = min(4, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4 * cols, 3 * nrows), layout="constrained")
@@ -125,5 +127,5 @@ def write_training_report(folder: str | Path) -> str:
     if spans:
         overlap = plot_timeline(spans, folder / TIMELINE_PNG, title=title)
         markdown += "\n" + timeline_markdown(overlap)
-    (folder / "report.md").write_text(markdown)
+    (folder / run_folder.REPORT_MD).write_text(markdown)
     return markdown

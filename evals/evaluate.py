@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medvl_engine import config as config_lib
+from medvl_engine import run_folder
 from medvl_engine.config import param
+from medvl_engine.errors import ConfigError, RunFolderError
 from medvl_engine.evals.runner import RunStats
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
 from medvl_engine.rollout.pool import run_to_end
@@ -45,7 +47,8 @@ def eval_data() -> DataConfig:
 
 
 def eval_rollout() -> RolloutConfig:
-    return RolloutConfig(n=1, temperature=0.0, top_p=1.0, max_response_tokens=4096, seed=42, max_in_flight=32)
+    return RolloutConfig(n=1, temperature=0.0, top_p=1.0, max_response_tokens=4096, seed=42, engine_seed=42,
+                         max_in_flight=32)
 
 
 def sections(cfg) -> dict:
@@ -59,11 +62,11 @@ def sections(cfg) -> dict:
 def check_generation_config(cfg) -> None:
     """What eval and pass-rate runs reject: settings of a learner that would silently do nothing here."""
     if cfg.rollout.dynamic_sampling:
-        raise ValueError("rollout.dynamic_sampling drops questions whose answers all score the same: an evaluation "
-                         "or a pass-rate run must keep every question")
+        raise ConfigError("rollout.dynamic_sampling drops questions whose answers all score the same: an evaluation "
+                          "or a pass-rate run must keep every question")
     if cfg.data.shuffle:
-        raise ValueError("data.shuffle: evaluation and pass-rate runs answer each question once, in dataset order "
-                         "(use data.max_samples or data.subset to select questions)")
+        raise ConfigError("data.shuffle: evaluation and pass-rate runs answer each question once, in dataset order "
+                          "(use data.max_samples or data.subset to select questions)")
 
 
 def volatile_settings(cfg, volatile: tuple[str, ...]) -> tuple[str, ...]:
@@ -78,7 +81,7 @@ def check_model_and_output(cfg, *, check_model: bool = True) -> str | None:
     from medvl_engine.models import resolve_model_path
 
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
-        raise ValueError(f"--output {cfg.output}: is a file; give a run folder (created, or resumed)")
+        raise RunFolderError(f"--output {cfg.output}: is a file; give a run folder (created, or resumed)")
     return resolve_model_path(cfg.model) if check_model else None
 
 
@@ -106,25 +109,50 @@ class EvalConfig:
 
     def __post_init__(self):
         if not self.model:
-            raise ValueError("model: is required (a model folder, or `smollm2`)")
+            raise ConfigError("model: is required (a model folder, or `smollm2`)")
         if not self.output:
-            raise ValueError("output: is required (the run folder)")
+            raise ConfigError("output: is required (the run folder)")
         if self.repeats < 1:
-            raise ValueError(f"repeats: must be >= 1, got {self.repeats}")
+            raise ConfigError(f"repeats: must be >= 1, got {self.repeats}")
         check_generation_config(self)
 
 
-async def _generate_repeats(cfg: EvalConfig, questions, backends, renderer) -> list[RunStats]:
-    from medvl_engine.evals.results import ResultsFile
-    from medvl_engine.evals.runner import generate_into
+def run_generation_command(cfg, command: str, volatile: tuple[str, ...], generate, results_files, write_tables, *,
+                           backends=None, renderer=None):
+    """The body of `eval` and `passrate`: check the model and `output`, load the questions, open the run folder
+    (`open_checked_run`), build the backends, run `generate(questions, backends, renderer)` (a coroutine
+    function writing the results files) on the pool to its end, then `write_tables()`. Returns the stats
+    `generate` returned and what `write_tables` returned.
 
-    out = []
-    for k in range(cfg.repeats):
-        results = ResultsFile(Path(cfg.output) / f"v{k}" / "results.jsonl")
-        stats = await generate_into(results, questions, backends, renderer, cfg.rollout, mode="eval",
-                                    seed_offset=k, label=f"eval v{k}")
-        out.append(stats)
-    return out
+    `backends` and `renderer` (the tokenizer or processor that renders prompts) may be given instead of
+    being built from `cfg.model`; backends built here are shut down at the end. On Ctrl-C the run stops with
+    `interrupted(results_files())`: what was kept, and where.
+    """
+    from medvl_engine.evals.runner import build_backends, interrupted, shutdown
+    from medvl_engine.rollout.stream import load_data
+
+    owned = backends is None
+    model = check_model_and_output(cfg, check_model=owned)
+    questions = load_data(cfg.data)
+    open_checked_run(cfg, command, volatile, model=model)
+    if owned:
+        backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
+
+    async def run():
+        stopped = False
+        try:
+            return await generate(questions, backends, renderer)
+        except asyncio.CancelledError:
+            # Ctrl-C: asyncio.run cancels this task. Every finished answer is on disk; a generate call still
+            # running in a backend's thread is not waited for (on a CPU it can take minutes).
+            stopped = True
+            raise interrupted(results_files()) from None
+        finally:
+            if owned and not stopped:
+                await shutdown(backends)
+
+    stats = run_to_end(run())
+    return stats, write_tables()
 
 
 def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[RunStats], str]:
@@ -134,32 +162,20 @@ def evaluate(cfg: EvalConfig, *, backends=None, renderer=None) -> tuple[list[Run
     being built from `cfg.model`; backends built here are shut down at the end.
     """
     from medvl_engine.evals.report import write_run_report
-    from medvl_engine.evals.runner import build_backends, interrupted, shutdown
-    from medvl_engine.rollout.stream import load_data
+    from medvl_engine.evals.results import ResultsFile
+    from medvl_engine.evals.runner import generate_into
 
-    owned = backends is None
-    model = check_model_and_output(cfg, check_model=owned)
-    questions = load_data(cfg.data)
-    open_checked_run(cfg, "eval", VOLATILE, model=model)
-    if owned:
-        backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
+    async def generate(questions, backends, renderer) -> list[RunStats]:
+        out = []
+        for k in range(cfg.repeats):
+            stats = await generate_into(ResultsFile(run_folder.repeat_results(cfg.output, k)), questions, backends,
+                                        renderer, cfg.rollout, mode="eval", seed_offset=k, label=f"eval v{k}")
+            out.append(stats)
+        return out
 
-    async def run():
-        stopped = False
-        try:
-            return await _generate_repeats(cfg, questions, backends, renderer)
-        except asyncio.CancelledError:
-            # Ctrl-C: asyncio.run cancels this task. Every finished answer is on disk; a generate call still
-            # running in a backend's thread is not waited for (on a CPU it can take minutes).
-            stopped = True
-            raise interrupted(sorted(Path(cfg.output).glob("v*/results.jsonl"))) from None
-        finally:
-            if owned and not stopped:
-                await shutdown(backends)
-
-    stats = run_to_end(run())
-    markdown, _ = write_run_report(cfg.output)
-    return stats, markdown
+    return run_generation_command(cfg, "eval", VOLATILE, generate,
+                                  lambda: sorted(Path(cfg.output).glob(run_folder.REPEAT_RESULTS_GLOB)),
+                                  lambda: write_run_report(cfg.output)[0], backends=backends, renderer=renderer)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

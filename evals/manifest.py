@@ -18,9 +18,11 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from medvl_engine import run_folder
+from medvl_engine.errors import ConfigError, RunFolderError
 from medvl_engine.files import write_atomically
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = run_folder.MANIFEST
 
 
 def _identity(settings: dict, volatile: tuple[str, ...]) -> dict:
@@ -58,7 +60,7 @@ def _recorded_identity(manifest: dict, volatile: tuple[str, ...]) -> dict:
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; not a run folder")
+        raise RunFolderError(f"{folder}: no {MANIFEST_NAME}; not a run folder")
     return json.loads(path.read_text())
 
 
@@ -78,7 +80,7 @@ def check_not_input(output: str | Path, inputs: Iterable[str | Path | None], *, 
             how = "holds"
         else:
             continue
-        raise ValueError(f"{flag} {output} {how} the input {given}; choose an output folder apart from the inputs")
+        raise ConfigError(f"{flag} {output} {how} the input {given}; choose an output folder apart from the inputs")
 
 
 def clear_for_overwrite(folder: str | Path, *, command: str, marker: str = MANIFEST_NAME) -> None:
@@ -88,17 +90,17 @@ def clear_for_overwrite(folder: str | Path, *, command: str, marker: str = MANIF
     if not folder.exists():
         return
     if not folder.is_dir():
-        raise FileExistsError(f"--overwrite: {folder} is a file, not a run folder; choose another output")
+        raise RunFolderError(f"--overwrite: {folder} is a file, not a run folder; choose another output")
     if not any(folder.iterdir()):
         return
     if not (folder / marker).is_file():
-        raise FileExistsError(f"--overwrite: {folder} has no {marker}, so medvl-engine did not write it; "
-                              "remove it yourself or choose another output")
+        raise RunFolderError(f"--overwrite: {folder} has no {marker}, so medvl-engine did not write it; "
+                             "remove it yourself or choose another output")
     if marker == MANIFEST_NAME:
         written_by = read_manifest(folder).get("command")
         if written_by != command:
-            raise FileExistsError(f"--overwrite: {folder} holds a {written_by!r} run, not {command!r}; "
-                                  "remove it yourself or choose another output")
+            raise RunFolderError(f"--overwrite: {folder} holds a {written_by!r} run, not {command!r}; "
+                                 "remove it yourself or choose another output")
     shutil.rmtree(folder)
 
 
@@ -128,7 +130,8 @@ def open_run(folder: str | Path, command: str, settings: dict, *, volatile: tupl
     if path.is_file():
         manifest = json.loads(path.read_text())
         if manifest.get("command") != command:
-            raise ValueError(f"{folder} holds a {manifest.get('command')!r} run, not {command!r}; use another folder")
+            raise RunFolderError(f"{folder} holds a {manifest.get('command')!r} run, not {command!r}; "
+                                 "use another folder")
         changed = _diff(_recorded_identity(manifest, volatile), identity)
         if changed and not _holds_results(folder):
             # An earlier attempt that stopped before its first answer (a wrong flag, a model that would not
@@ -136,12 +139,12 @@ def open_run(folder: str | Path, command: str, settings: dict, *, volatile: tupl
             manifest = {"command": command, "identity": identity, "attempts": []}
             changed = []
         if changed:
-            raise ValueError(f"{folder} holds a run with other settings; resuming it would mix results "
-                             f"({'; '.join(changed)}). Use another folder or --overwrite.")
+            raise RunFolderError(f"{folder} holds a run with other settings; resuming it would mix results "
+                                 f"({'; '.join(changed)}). Use another folder or --overwrite.")
         manifest["identity"] = identity
         manifest["attempts"].append(attempt)
     elif any(p.name != MANIFEST_NAME for p in folder.iterdir()):
-        raise FileExistsError(f"{folder} is not empty and has no {MANIFEST_NAME}; use another folder or --overwrite")
+        raise RunFolderError(f"{folder} is not empty and has no {MANIFEST_NAME}; use another folder or --overwrite")
     else:
         manifest = {"command": command, "identity": identity, "attempts": [attempt]}
     write_atomically(path, json.dumps(manifest, indent=2) + "\n")

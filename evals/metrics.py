@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medvl_engine.errors import ConfigError, RunFolderError
 from medvl_engine.tables import AccuracyTable, DatasetAccuracy, accuracy_table
 
 MODES = ("regrade", "eval", "reward")
@@ -74,18 +75,18 @@ def score_run(records: list[dict], mode: str, *, threads: int | None = None) -> 
     from medvl_engine.rewards import score
 
     if mode not in MODES:
-        raise ValueError(f"unknown parser mode {mode!r} (choose from {', '.join(MODES)})")
+        raise ConfigError(f"unknown parser mode {mode!r} (choose from {', '.join(MODES)})")
     if not records:
         raise ValueError("no records to score")
     sizes = {r["num_rollouts"] for r in records}
     if len(sizes) != 1:
-        raise ValueError(f"records mix numbers of rollouts {sorted(sizes)}; pass@n and majority@n need one n")
+        raise RunFolderError(f"records mix numbers of rollouts {sorted(sizes)}; pass@n and majority@n need one n")
     n = sizes.pop()
     responses, answers, labels, options = [], [], [], []
     for record in records:
         if "options" not in record:
-            raise ValueError(f"dataset_index {record['dataset_index']}: record has no 'options'; it cannot be "
-                             "rescored")
+            raise RunFolderError(f"dataset_index {record['dataset_index']}: record has no 'options'; it cannot be "
+                                 "rescored")
         for output in record["parsed_outputs"]:
             responses.append(output["output_text"])
             answers.append(record["answer"])
@@ -128,8 +129,8 @@ def _combine(tables: list[AccuracyTable], reduce) -> AccuracyTable:
     first = tables[0]
     for k, table in enumerate(tables[1:], 1):
         if [c.dataset_name for c in table.columns] != [c.dataset_name for c in first.columns]:
-            raise ValueError(f"repeat {k} covers {[c.dataset_name for c in table.columns]}, repeat 0 covers "
-                             f"{[c.dataset_name for c in first.columns]}")
+            raise RunFolderError(f"repeat {k} covers {[c.dataset_name for c in table.columns]}, repeat 0 covers "
+                                 f"{[c.dataset_name for c in first.columns]}")
     columns = tuple(
         DatasetAccuracy(c.dataset_name, c.column, c.count,
                         c.count * reduce([t[c.dataset_name].accuracy for t in tables]))

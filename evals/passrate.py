@@ -21,7 +21,6 @@ question is one request with n samples (the engine shares the prompt across them
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +28,16 @@ from pathlib import Path
 import numpy as np
 
 from medvl_engine import config as config_lib
+from medvl_engine import run_folder
 from medvl_engine.config import param
-from medvl_engine.evals.evaluate import check_generation_config, check_model_and_output, open_checked_run
+from medvl_engine.errors import ConfigError, RunFolderError
+from medvl_engine.evals.evaluate import check_generation_config, run_generation_command
 from medvl_engine.evals.runner import RunStats
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
-from medvl_engine.rollout.pool import run_to_end
 
 logger = logging.getLogger(__name__)
 
-RESULTS_NAME = "results.jsonl"
+RESULTS_NAME = run_folder.RESULTS
 # As eval's: `rollout.max_batch` is part of an hf run's identity (seeded samples depend on batch padding too).
 VOLATILE = ("rollout.device", "rollout.max_in_flight", "rollout.threads", "run.output", "run.overwrite")
 
@@ -47,7 +47,7 @@ def passrate_data() -> DataConfig:
 
 
 def passrate_rollout() -> RolloutConfig:
-    return RolloutConfig(n=16, temperature=1.0, top_p=1.0, max_response_tokens=4096, seed=42)
+    return RolloutConfig(n=16, temperature=1.0, top_p=1.0, max_response_tokens=4096, seed=42, engine_seed=42)
 
 
 @dataclass
@@ -63,11 +63,10 @@ class PassrateConfig:
 
     def __post_init__(self):
         if not self.model:
-            raise ValueError("model: is required (a model folder, or `smollm2`)")
+            raise ConfigError("model: is required (a model folder, or `smollm2`)")
         if not self.output:
-            raise ValueError("output: is required (the run folder)")
-        if self.rollout.temperature == 0:
-            raise ValueError("rollout.temperature: pass counts need sampling (> 0); greedy answers n times alike")
+            raise ConfigError("output: is required (the run folder)")
+        self.rollout.require_sampling("pass counts need n different samples per question")
         check_generation_config(self)
 
 
@@ -125,44 +124,28 @@ def write_histogram(folder: str | Path, title: str = "") -> tuple[np.ndarray, st
     rows = list(iter_pass_counts(folder / RESULTS_NAME))
     sizes = {n for _, _, n in rows}
     if len(sizes) != 1:
-        raise ValueError(f"{folder}: records come from different sample counts {sorted(sizes)}")
+        raise RunFolderError(f"{folder}: records come from different sample counts {sorted(sizes)}")
     hist = histogram((c for _, c, _ in rows), sizes.pop())
     text = histogram_text(hist)
-    (folder / "histogram.txt").write_text(text)
-    plot_histogram(hist, folder / "histogram.png", title or folder.name)
+    (folder / run_folder.HISTOGRAM_TXT).write_text(text)
+    plot_histogram(hist, folder / run_folder.HISTOGRAM_PNG, title or folder.name)
     return hist, text
 
 
 def estimate(cfg: PassrateConfig, *, backends=None, renderer=None) -> tuple[RunStats, str]:
     """Run (or resume) the pass-rate estimate and write its histogram; returns the stats and the text table."""
     from medvl_engine.evals.results import ResultsFile
-    from medvl_engine.evals.runner import build_backends, generate_into, interrupted, shutdown
-    from medvl_engine.rollout.stream import load_data
+    from medvl_engine.evals.runner import generate_into
 
-    owned = backends is None
-    model = check_model_and_output(cfg, check_model=owned)
-    questions = load_data(cfg.data)
-    open_checked_run(cfg, "passrate", VOLATILE, model=model)
-    if owned:
-        backends, renderer = build_backends(cfg.rollout, cfg.model, questions)
+    results = Path(cfg.output) / RESULTS_NAME
+    title = f"{Path(cfg.model).name}: pass counts on {Path(cfg.data.source).name}"
 
-    async def run():
-        stopped = False
-        try:
-            return await generate_into(ResultsFile(Path(cfg.output) / RESULTS_NAME), questions, backends, renderer,
-                                       cfg.rollout, mode="eval", label="passrate")
-        except asyncio.CancelledError:
-            # Ctrl-C (asyncio.run cancels this task): finished questions are on disk; a backend's generate
-            # call still running in its thread is not waited for.
-            stopped = True
-            raise interrupted([Path(cfg.output) / RESULTS_NAME]) from None
-        finally:
-            if owned and not stopped:
-                await shutdown(backends)
+    async def generate(questions, backends, renderer) -> RunStats:
+        return await generate_into(ResultsFile(results), questions, backends, renderer, cfg.rollout, mode="eval",
+                                   label="passrate")
 
-    stats = run_to_end(run())
-    _, text = write_histogram(cfg.output, f"{Path(cfg.model).name}: pass counts on {Path(cfg.data.source).name}")
-    return stats, text
+    return run_generation_command(cfg, "passrate", VOLATILE, generate, lambda: [results],
+                                  lambda: write_histogram(cfg.output, title)[1], backends=backends, renderer=renderer)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,7 +31,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from medvl_engine import run_folder
 from medvl_engine.config import param
+from medvl_engine.errors import ConfigError, RunFolderError
 from medvl_engine.evals.curves import CURVES_NAME, is_training_run, write_training_report
 from medvl_engine.evals.manifest import read_manifest
 from medvl_engine.evals.metrics import MODES, Summary, summarize
@@ -41,7 +43,7 @@ from medvl_engine.tables import BENCHMARKS, AccuracyTable, DatasetAccuracy, comp
 
 logger = logging.getLogger(__name__)
 
-RESULTS_NAME = "results.jsonl"
+RESULTS_NAME = run_folder.RESULTS
 METRIC_TITLES = {"pass_at_n": "pass@{n}", "majority_at_n": "majority@{n}", "no_parse": "no-parse %"}
 
 
@@ -50,9 +52,9 @@ def repeat_dirs(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     found = sorted((int(p.name[1:]), p) for p in folder.glob("v*") if p.name[1:].isdigit() and p.is_dir())
     if not found:
-        raise FileNotFoundError(f"{folder}: no repeat folders v0, v1, ...; not an eval run folder")
+        raise RunFolderError(f"{folder}: no repeat folders v0, v1, ...; not an eval run folder")
     if [k for k, _ in found] != list(range(len(found))):
-        raise ValueError(f"{folder}: repeat folders {[p.name for _, p in found]} are not v0..v{len(found) - 1}")
+        raise RunFolderError(f"{folder}: repeat folders {[p.name for _, p in found]} are not v0..v{len(found) - 1}")
     return [p for _, p in found]
 
 
@@ -64,7 +66,7 @@ def load_repeats(folder: str | Path) -> list[list[dict]]:
         if results.is_file():
             repeats.append(read_records(results))
     if not repeats or not all(repeats):
-        raise ValueError(f"{folder}: no finished questions yet")
+        raise RunFolderError(f"{folder}: no finished questions yet")
     return repeats
 
 
@@ -117,8 +119,8 @@ def write_run_report(folder: str | Path) -> tuple[str, dict]:
     title = f"{model_name(manifest)} on {manifest.get('identity', {}).get('data', {}).get('source', '?')}"
     markdown = run_markdown(summary, title)
     data = {"run": str(folder), "model": model_name(manifest), **summary.to_dict()}
-    (folder / "report.md").write_text(markdown)
-    (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    (folder / run_folder.REPORT_MD).write_text(markdown)
+    (folder / run_folder.REPORT_JSON).write_text(json.dumps(data, indent=2) + "\n")
     return markdown, data
 
 
@@ -170,9 +172,9 @@ class ReportConfig:
 
     def __post_init__(self):
         if not self.runs:
-            raise ValueError("report: give at least one run folder")
+            raise ConfigError("report: give at least one run folder")
         if self.mode not in MODES:
-            raise ValueError(f"report: --mode {self.mode!r} is not one of {MODES}")
+            raise ConfigError(f"report: --mode {self.mode!r} is not one of {MODES}")
 
 
 def compare(cfg: ReportConfig) -> str:
@@ -208,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
         if is_training_run(run):
             print(write_training_report(run))
             drawn = [CURVES_NAME] + ([TIMELINE_PNG] if read_timeline(run) else [])
-            logger.info("wrote %s and %s", Path(run) / "report.md",
+            logger.info("wrote %s and %s", Path(run) / run_folder.REPORT_MD,
                         " and ".join(str(Path(run) / name) for name in drawn))
     if len(evals) == 1:
         markdown, _ = write_run_report(evals[0])

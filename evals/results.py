@@ -19,6 +19,7 @@ from pathlib import Path
 
 import msgspec
 
+from medvl_engine.errors import RunFolderError
 from medvl_engine.files import write_atomically
 
 REQUIRED_KEYS = ("dataset_name", "dataset_index", "answer_label", "answer", "parsed_outputs", "num_rollouts",
@@ -30,18 +31,20 @@ def encode_record(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
-def _check_record(record: object, where: str) -> dict:
+def _check_record(record: object, where: str, error: type[Exception] = RunFolderError) -> dict:
+    """`record` in the results layout, or `error`: a RunFolderError for a line read from a run folder, a
+    ValueError for a record this package is about to write (only a bug gets it wrong)."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
-        raise ValueError(f"{where}: missing key(s) {missing}")
+        raise error(f"{where}: missing key(s) {missing}")
     index = record["dataset_index"]
     if not isinstance(index, int) or isinstance(index, bool):
-        raise ValueError(f"{where}: dataset_index must be an integer, got {index!r}")
+        raise error(f"{where}: dataset_index must be an integer, got {index!r}")
     if len(record["parsed_outputs"]) != record["num_rollouts"]:
-        raise ValueError(f"{where}: {len(record['parsed_outputs'])} parsed_outputs but num_rollouts="
-                         f"{record['num_rollouts']}")
+        raise error(f"{where}: {len(record['parsed_outputs'])} parsed_outputs but num_rollouts="
+                    f"{record['num_rollouts']}")
     return record
 
 
@@ -59,10 +62,10 @@ def read_records(path: str | Path) -> list[dict]:
             try:
                 record = _check_record(json.loads(line), where)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+                raise RunFolderError(f"{where}: not valid JSON ({exc.msg})") from None
             index = record["dataset_index"]
             if index in seen:
-                raise ValueError(f"{where}: dataset_index {index} already written on line {seen[index]}")
+                raise RunFolderError(f"{where}: dataset_index {index} already written on line {seen[index]}")
             seen[index] = lineno
             records.append(record)
     return records
@@ -102,7 +105,7 @@ class ResultsFile:
             raise RuntimeError(f"{self.path}: open() the results file before appending")
         if isinstance(record, msgspec.Struct):
             record = msgspec.to_builtins(record)
-        record = _check_record(record, f"record for {self.path}")
+        record = _check_record(record, f"record for {self.path}", ValueError)
         index = record["dataset_index"]
         if index in self.done:
             raise ValueError(f"{self.path}: dataset_index {index} is already written; a question is never "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import msgspec
 
+from medvl_engine.errors import DataError
 from medvl_engine.evals.results import ResultsFile
 from medvl_engine.progress import Progress
 
@@ -131,7 +132,7 @@ async def generate_into(
 
     indices = [s.dataset_index for s in samples]
     if len(set(indices)) != len(indices):
-        raise ValueError("the selected questions repeat a dataset_index; results are keyed by it")
+        raise DataError("the selected questions repeat a dataset_index; results are keyed by it")
     done = results.open()
     stats = RunStats(questions=len(samples), skipped=sum(1 for i in indices if i in done))
     stream = PromptStream(samples, renderer, shuffle_seed=None,

@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-TIMELINE_PNG = "timeline.png"
+from medvl_engine import run_folder
+
+TIMELINE_PNG = run_folder.TIMELINE_PNG
 # The learner's stages (GRPOTrainer.step), in the order a step runs them, with their colours.
 LEARNER_STAGES = {"rollout_wait": "tab:gray", "collate": "tab:olive", "logprobs": "tab:purple", "update": "tab:blue",
                   "weight_sync": "tab:red"}
@@ -24,9 +26,7 @@ STEP_LABELS = 40  # a longer run labels every k-th step (and annotates no per-st
 
 def read_timeline(folder: str | Path) -> list[dict]:
     """The spans of a run's `timeline.jsonl` (empty when it wrote none); a span ending before it starts is an error."""
-    from medvl_engine.profiling import TIMELINE_NAME
-
-    path = Path(folder) / TIMELINE_NAME
+    path = Path(folder) / run_folder.TIMELINE
     if not path.is_file():
         return []
     spans = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

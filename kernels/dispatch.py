@@ -15,6 +15,8 @@ import os
 import torch
 import triton
 
+from medvl_engine.errors import ConfigError
+
 IMPLS = ("auto", "triton", "torch")
 ENV_VAR = "MEDVL_KERNEL_IMPL"
 
@@ -26,7 +28,7 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None, op: str) -> str:
     if impl == "auto":
         impl = os.environ.get(ENV_VAR, "").strip() or "auto"
         if impl not in IMPLS:
-            raise ValueError(f"{op}: environment variable {ENV_VAR}={impl!r} is not one of {IMPLS}")
+            raise ConfigError(f"{op}: environment variable {ENV_VAR}={impl!r} is not one of {IMPLS}")
     devices = {t.device for t in tensors if t is not None}
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")

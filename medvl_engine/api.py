@@ -34,7 +34,7 @@ def _config(cls: type[T], cfg: T | None, settings: dict[str, Any]) -> T:
     """`cfg` (or the defaults of `cls`) with `settings` on top, checked by every `__post_init__`."""
     if cfg is not None and not isinstance(cfg, cls):
         raise TypeError(f"expected a {cls.__name__}, got {type(cfg).__name__}")
-    base = config_lib.to_dict(cfg) if cfg is not None else {}
+    base = config_lib.to_dict(cfg, switches=True) if cfg is not None else {}
     return config_lib.build(cls, config_lib.merge(base, settings), where=cls.__name__)
 
 

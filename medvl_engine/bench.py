@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medvl_engine.config import param
+from medvl_engine.errors import ConfigError
 from medvl_engine.files import write_atomically
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ class BenchConfig:
     def __post_init__(self):
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
         if unknown or not self.benchmarks:
-            raise ValueError(f"bench: --benchmarks {unknown or '(none)'}: choose from {', '.join(BENCHMARKS)}")
+            raise ConfigError(f"bench: --benchmarks {unknown or '(none)'}: choose from {', '.join(BENCHMARKS)}")
         if not self.timeout > 0:
-            raise ValueError(f"bench: --timeout must be > 0, got {self.timeout}")
+            raise ConfigError(f"bench: --timeout must be > 0, got {self.timeout}")
 
     @property
     def folder(self) -> Path:

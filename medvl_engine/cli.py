@@ -4,9 +4,11 @@ Every subcommand lives in its own module with two functions, `add_arguments(pars
 `main(args) -> int`; this file only maps names to modules, so `medvl-engine score` never pays for
 DeepSpeed's or SGLang's import.
 
-Errors: a user's mistake (a bad setting, a missing file, unreadable input; `medvl_engine.errors`)
-prints one line `medvl-engine COMMAND: error: ...` and exits 2, Ctrl-C prints one line and exits 130;
-only a bug shows a traceback, unless `--debug` (before the command) or MEDVL_DEBUG=1 asks for every one.
+Errors, by type: a user's mistake (a `medvl_engine.errors.UserError`: a bad setting, dataset row, answers
+file or run folder; a missing, existing or unreadable file; input that is not UTF-8 or JSON) prints one line
+`medvl-engine COMMAND: error: ...` and exits 2, Ctrl-C prints one line and exits 130; anything else, a plain
+ValueError included, is a bug and shows its traceback, and `--debug` (before the command) or MEDVL_DEBUG=1
+shows every one.
 
 Logging: `--log-level debug|info|warning|error` (before the command; or MEDVL_LOG_LEVEL; default info)
 configures the one stderr handler (`medvl_engine.logs.configure`) before the command is imported; below
@@ -70,22 +72,11 @@ def cpu_defaults() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-# What a user fixes: config checks and loaders raise ValueError (DataError is one), missing or
-# existing files the OS errors below; UnicodeDecodeError is a ValueError (input that is not UTF-8).
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """A ValueError is the user's to fix when this package raised it (config checks, loaders, run folders)
-    or it is undecodable input; one raised inside a library (a shape mismatch in numpy or torch) is a bug
-    and keeps its traceback. The other USER_ERRORS always are the user's."""
-    if not isinstance(exc, ValueError) or isinstance(exc, (UserError, UnicodeDecodeError, json.JSONDecodeError)):
-        return True
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is None or str(tb.tb_frame.f_globals.get("__name__", "")).startswith("medvl_engine")
+# What a user fixes, by type: a UserError (ConfigError, DataError, AnswerFileError, RunFolderError; see
+# medvl_engine.errors), a missing, existing or unreadable file, and input that is not UTF-8 or JSON. Anything
+# else, a plain ValueError included, is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+               UnicodeDecodeError, json.JSONDecodeError)
 
 
 def describe(exc: BaseException) -> str:
@@ -172,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             _stop_now_if_threads_remain(130)
         return 130
     except USER_ERRORS as exc:
-        if debug or not is_user_error(exc):
+        if debug:
             raise
         print(f"medvl-engine {name}: error: {describe(exc)}", file=sys.stderr)
         return 2

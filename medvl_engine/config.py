@@ -9,28 +9,44 @@ prints the resolved, checked config as YAML and exits 0 before the command start
 
     cfg = load(RunConfig, "run.yaml", overrides={"optim": {"lr": 2e-6}})
     save(cfg, "run_dir/config.yaml")
+
+Renamed settings: a config class may map old key paths to new ones, `RENAMED = {"logging.run_dir": "output"}`.
+For one release the old spelling still works, in a config file (`logging: {run_dir: X}`) and as a hidden flag
+(`--logging.run-dir X`), with a warning naming the new one; an old and a new key with different values are
+refused. Dumps (`to_dict`, `--dry-run`, a run's config.yaml) write only the new spelling. A section class may
+name a `SHORTHAND` field: a plain value given for the section means that field (`model: PATH`, `--model PATH`
+is `model.path`). A field made with `param(..., saved=False)` (a run's switches: `resume`, `overwrite`) is
+left out of every dump, so `--config RUN/config.yaml` starts a run, never resumes one by itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
+import logging
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from medvl_engine.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
 T = TypeVar("T")
 
 
 def param(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
-          positional: bool = False) -> Any:
+          positional: bool = False, saved: bool = True) -> Any:
     """A dataclass field with the help text its command-line flag shows.
 
     `positional=True` makes it a positional argument (`medvl-engine score ANSWERS`) instead of a flag.
+    `saved=False`: a switch of this invocation (`--resume`), not a setting of the run: `to_dict`, `dump` and
+    `save` leave it out.
     """
-    metadata = {"help": help, "positional": positional}
+    metadata = {"help": help, "positional": positional, "saved": saved}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -61,6 +77,91 @@ def _dest(prefix: str, name: str) -> str:
     return (f"{prefix}." if prefix else "") + name
 
 
+def renamed(cls: type) -> dict[str, str]:
+    """The old key paths of `cls` (relative to it, dotted) and the new ones they mean: its `RENAMED`."""
+    return dict(getattr(cls, "RENAMED", {}) or {})
+
+
+def _shorthand(cls: type) -> str | None:
+    """The field a plain value given for the section `cls` means (`model: PATH` -> `model.path`), if any."""
+    return getattr(cls, "SHORTHAND", None)
+
+
+def _flag_of(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _pop_path(data: dict[str, Any], path: str) -> tuple[bool, Any]:
+    """Remove the dotted key `path` from the nested dicts `data` (copied on the way); (found, value)."""
+    head, _, rest = path.partition(".")
+    if head not in data:
+        return False, None
+    if not rest:
+        return True, data.pop(head)
+    if not isinstance(data[head], dict):
+        return False, None
+    data[head] = dict(data[head])
+    found, value = _pop_path(data[head], rest)
+    if found and not data[head]:
+        del data[head]  # the section held only the old key
+    return found, value
+
+
+def _get_path(data: dict[str, Any], path: str) -> tuple[bool, Any]:
+    node: Any = data
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = data
+    for p in parents:
+        node[p] = dict(node.get(p) or {})
+        node = node[p]
+    node[leaf] = value
+
+
+def normalize(cls: type, data: Any, *, where: str = "config", _prefix: str = "") -> Any:
+    """`data` with the old spellings of `cls` (and of its sections) moved to the new ones, with a warning
+    naming the new spelling, and a plain value for a section with a `SHORTHAND` field expanded to
+    `{field: value}`. An old and a new key given with different values are refused. `data` is not changed."""
+    if not isinstance(data, dict) or not _is_dataclass_type(cls):
+        return data
+    hints = _hints(cls)
+    sections = [(f.name, hints[f.name]) for f in dataclasses.fields(cls) if _is_dataclass_type(hints[f.name])]
+
+    def expand(data: dict[str, Any]) -> None:
+        for name, tp in sections:
+            value = data.get(name)
+            if _shorthand(tp) and value is not None and not isinstance(value, dict):
+                data[name] = {_shorthand(tp): value}
+
+    data = dict(data)
+    expand(data)
+    for old, new in renamed(cls).items():
+        found, value = _pop_path(data, old)
+        if not found:
+            continue
+        old_key, new_key = _dest(_prefix, old), _dest(_prefix, new)
+        has_new, current = _get_path(data, new)
+        if has_new and current != value:
+            raise ConfigError(f"{where}: `{old_key}` ({_flag_of(old_key)}) is the old spelling of `{new_key}` "
+                              f"({_flag_of(new_key)}), and both are given with different values "
+                              f"({old_key}={value!r}, {new_key}={current!r}); give only `{new_key}`")
+        logger.warning("%s: `%s` (%s) is deprecated and will be removed in the next release: use `%s` (%s)",
+                       where, old_key, _flag_of(old_key), new_key, _flag_of(new_key))
+        _set_path(data, new, value)
+    expand(data)
+    for name, tp in sections:
+        if name in data:
+            data[name] = normalize(tp, data[name], where=where, _prefix=_dest(_prefix, name))
+    return data
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, *, config_flag: bool = True) -> None:
     """Add `--config FILE`, `--dry-run` and one flag per leaf field of the (nested) dataclass `cls`.
 
@@ -86,9 +187,37 @@ def field_default(f: dataclasses.Field, owner: Any = None) -> Any:
     return dataclasses.MISSING
 
 
+def _field_at(cls: type, path: str) -> tuple[Any, dataclasses.Field]:
+    """The type and field of the dotted key `path` of `cls`."""
+    head, _, rest = path.partition(".")
+    f = {f.name: f for f in dataclasses.fields(cls)}[head]
+    tp = _hints(cls)[head]
+    return _field_at(tp, rest) if rest else (tp, f)
+
+
+def _add_renamed_flags(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
+    """Hidden flags for the old spellings of `cls`: `--logging.run-dir X` gives `logging.run_dir`, which
+    `normalize` moves to the new key with its warning (and refuses beside a different new value)."""
+    for old, new in renamed(cls).items():
+        tp, _ = _field_at(cls, new)
+        inner, optional = _unwrap_optional(tp)
+        kwargs: dict[str, Any] = {"dest": _dest(prefix, old), "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+        if inner is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif _is_dataclass_type(inner) and _shorthand(inner):
+            kwargs["type"] = str
+        elif inner in (int, float, str):
+            kwargs["type"] = _optional_parser(inner) if optional else inner
+        else:
+            raise TypeError(f"{cls.__name__}.RENAMED: no command-line flag for {old} -> {new} of type {tp!r}")
+        parser.add_argument(_flag(prefix, old), **kwargs)
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, owner: Any) -> None:
     hints = _hints(cls)
     group = parser if not prefix else parser.add_argument_group(prefix, (cls.__doc__ or "").strip().split("\n")[0])
+    _add_renamed_flags(parser, cls, prefix)
+    short = _shorthand(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = field_default(f, owner)
@@ -127,7 +256,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, owner: 
             kwargs["type"] = _optional_parser(inner) if optional else inner
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no command-line flag for type {tp!r}")
-        group.add_argument(_flag(prefix, f.name), **kwargs)
+        flags = [_flag(prefix, f.name)]
+        if prefix and f.name == short:
+            flags.append("--" + prefix)  # --model PATH: the section's shorthand
+        group.add_argument(*flags, **kwargs)
 
 
 def _optional_parser(tp: type):
@@ -153,7 +285,7 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
 
 
 def _from_args(cls: type[T], args: argparse.Namespace) -> T:
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} | {old.split(".")[0] for old in renamed(cls)}
     overrides: dict[str, Any] = {}
     for key, value in vars(args).items():
         head = key.split(".")[0]
@@ -185,9 +317,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
     elif suffix == ".json":
         data = json.loads(text)
     else:
-        raise ValueError(f"config file {path}: unknown format {suffix!r} (use .yaml, .yml, .toml or .json)")
+        raise ConfigError(f"config file {path}: unknown format {suffix!r} (use .yaml, .yml, .toml or .json)")
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
     return data
 
 
@@ -203,24 +335,30 @@ def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(cls: type[T], path: str | Path | None = None, *, overrides: dict[str, Any] | None = None) -> T:
-    """Defaults of `cls`, then the file at `path`, then `overrides`; checked by every `__post_init__`."""
-    data = read_file(path) if path else {}
-    data = merge(data, overrides or {})
-    return build(cls, data, where=str(path) if path else "config")
+    """Defaults of `cls`, then the file at `path`, then `overrides`; checked by every `__post_init__`.
+
+    Each layer has its old spellings moved to the new ones first, so a flag in the new spelling overrides a
+    file in the old one (and `model: PATH` in a file keeps its path beside `--model.dtype`).
+    """
+    where = str(path) if path else "config"
+    data = normalize(cls, read_file(path), where=where) if path else {}
+    data = merge(data, normalize(cls, overrides or {}, where="command line"))
+    return build(cls, data, where=where)
 
 
 def build(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
     """Instantiate the (nested) dataclass `cls` from a dict, naming the key path of any bad entry."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    data = normalize(cls, data, where=where)
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__} (known: {sorted(fields)})")
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__} (known: {sorted(fields)})")
     missing = [name for name, f in fields.items() if name not in data and field_default(f) is dataclasses.MISSING]
     if missing:
-        raise ValueError(f"{where}: missing required key(s) {[f'{where}.{m}' for m in missing]}")
+        raise ConfigError(f"{where}: missing required key(s) {[f'{where}.{m}' for m in missing]}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         tp = hints[name]
@@ -242,54 +380,60 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{where}: may not be null")
+        raise ConfigError(f"{where}: may not be null")
     origin = typing.get_origin(inner)
     if origin is Literal:
         choices = typing.get_args(inner)
         if value not in choices:
-            raise ValueError(f"{where}: {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = [a for a in typing.get_args(inner) if a is not Ellipsis]
         if origin is tuple and Ellipsis not in typing.get_args(inner) and len(value) != len(args):
-            raise ValueError(f"{where}: expected {len(args)} values, got {len(value)}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
         elem = args[0] if args else Any
         items = [_coerce(elem, v, f"{where}[{i}]") if elem is not Any else v for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if inner is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if inner is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if inner is float and isinstance(value, str):
         try:
             return float(value)  # YAML reads "1e-6" (no dot) as a string
         except ValueError:
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if inner in (int, str) and isinstance(value, inner) and not isinstance(value, bool):
         return value
     if inner is Any:
         return value
-    raise ValueError(f"{where}: expected {getattr(inner, '__name__', inner)}, got {value!r}")
+    raise ConfigError(f"{where}: expected {getattr(inner, '__name__', inner)}, got {value!r}")
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain dicts, lists and scalars (tuples become lists), ready for YAML or JSON."""
+def to_dict(cfg: Any, *, switches: bool = False) -> dict[str, Any]:
+    """The config as plain dicts, lists and scalars (tuples become lists), ready for YAML or JSON; fields made
+    with `param(saved=False)` (a run's switches, e.g. `resume`) are left out unless `switches` (a copy of
+    the whole config to build another from, as `medvl_engine.api` does)."""
     def plain(value):
-        if isinstance(value, tuple):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                    if switches or f.metadata.get("saved", True)}
+        if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
-        return value
+        return copy.deepcopy(value)
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)
 
 
 def dump(cfg: Any) -> str:
-    """The config as YAML text, fields in declaration order; `build(type(cfg), yaml.safe_load(text))` is equal."""
+    """The config as YAML text, fields in declaration order; `build(type(cfg), yaml.safe_load(text))` is equal
+    (but for the `saved=False` switches, which it leaves out)."""
     import yaml
 
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

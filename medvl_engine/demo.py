@@ -8,7 +8,7 @@ learner, which announces each new version through disk. The initial and the trai
 answer the evaluation questions greedily and are scored with the RL reward's rules (format gate on).
 
     medvl-engine demo                       # 12 SFT steps, 4 GRPO steps of 2 questions x 4 answers
-    medvl-engine demo --grpo-steps 8 --n 8 --run-dir runs/demo8
+    medvl-engine demo --grpo-steps 8 --n 8 --output runs/demo8
 
 The questions are the 37 bundled ones with their images left out (SmolLM2 reads text only); the demo
 trains and evaluates on the same questions: it shows the recipe moving the format rate and the
@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medvl_engine import config as config_lib
+from medvl_engine import run_folder
 from medvl_engine.config import param
+from medvl_engine.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,11 @@ EVAL_COLUMNS = ("policy", "questions", "accuracy", "format", "reward", "answer_t
 class DemoConfig:
     """The demo run: SFT on the bundled reasoning traces, GRPO, then a greedy evaluation before and after."""
 
+    # One release of the old spelling (`run_dir`, `--run-dir`), with a warning.
+    RENAMED = {"run_dir": "output"}
+
     model: str = param("smollm2", "policy folder, or `smollm2` (the embedded default)")
-    run_dir: str = param("runs/demo", "run folder (replaced when it holds an earlier demo)")
+    output: str = param("runs/demo", "run folder (replaced when it holds an earlier demo)")
     sft_steps: int = param(12, "SFT steps (0: GRPO from the initial policy)")
     sft_batch: int = param(8, "SFT sequences per step")
     sft_lr: float = param(2e-4, "SFT learning rate")
@@ -56,14 +61,16 @@ class DemoConfig:
     eval_tokens: int = param(128, "answer cap of the evaluation")
 
     def __post_init__(self):
+        if not self.output:
+            raise ConfigError("output: may not be empty (the run folder)")
         for name in ("grpo_steps", "prompts_per_step", "max_new_tokens", "eval_tokens", "sft_batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("sft_steps", "eval_questions"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.n < 2:
-            raise ValueError(f"n: GRPO needs at least 2 answers per question, got {self.n}")
+            raise ConfigError(f"n: GRPO needs at least 2 answers per question, got {self.n}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +85,7 @@ def sft_config(demo: DemoConfig, run_dir: Path):
         "optim": {"lr": demo.sft_lr, "warmup_ratio": 0.0},
         "data": {"source": "bundled", "ignore_images": True},
         "deepspeed": {"micro_batch_size": min(4, demo.sft_batch)},
-        "logging": {"run_dir": str(run_dir)},
+        "output": str(run_dir),
         "checkpoint": {"final": False},  # the export is what GRPO starts from; Adam states would be 1.8 GB
         "global_batch_size": demo.sft_batch, "max_steps": demo.sft_steps,
     })
@@ -95,7 +102,7 @@ def grpo_config(demo: DemoConfig, policy: str, run_dir: Path, endpoint: str):
         "transport": {"endpoint": endpoint, "workers": 1, "weight_sync": "disk"},
         "algo": {"prompts_per_step": demo.prompts_per_step, "mini_batches": 1},
         "deepspeed": {"micro_batch_size": demo.n},
-        "logging": {"run_dir": str(run_dir)},
+        "output": str(run_dir),
         "checkpoint": {"final": False},
         "steps": demo.grpo_steps,
     })
@@ -114,7 +121,7 @@ def evaluate(model_path: str, demo: DemoConfig, label: str, output: Path) -> dic
                      rollout=RolloutConfig(n=1, temperature=0.0, max_response_tokens=demo.eval_tokens,
                                            max_batch=64, dtype="bf16"))
     stats, _ = run_eval(cfg)
-    answers = [o for r in read_records(output / "v0" / "results.jsonl") for o in r["parsed_outputs"]]
+    answers = [o for r in read_records(run_folder.repeat_results(output, 0)) for o in r["parsed_outputs"]]
     return {"policy": label, "questions": len(answers),
             "accuracy": sum(o["is_correct"] for o in answers) / len(answers),
             "format": sum(o["format_ok"] for o in answers) / len(answers),
@@ -143,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
     demo = config_lib.from_args(DemoConfig, args)
     initial = resolve_model_path(demo.model)
     logger.info("policy: %s -> %s", demo.model, initial)
-    run_dir = Path(demo.run_dir)
+    run_dir = Path(demo.output)
     if (run_dir / "demo.json").exists():  # an earlier demo: start afresh (its weights would confuse the new run)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,26 +161,26 @@ def main(args: argparse.Namespace) -> int:
         cfg = sft_config(demo, run_dir / "sft")
         print(f"\n1. SFT: {demo.sft_steps} steps x {demo.sft_batch} bundled reasoning traces "
               "(<think> reasoning </think> <answer> letter </answer>), run folder "
-              f"{cfg.logging.run_dir}", flush=True)
+              f"{cfg.output}", flush=True)
         sft.run(cfg)
         gc.collect()  # the SFT engine's memory goes back before the GRPO learner loads
         _report(run_dir / "sft")
-        policy = str(run_dir / "sft" / "export")
+        policy = str(run_dir / "sft" / run_folder.EXPORT)
 
     socket_dir = tempfile.mkdtemp(prefix="medvl-demo-")  # ipc paths must stay short (~100 bytes)
     cfg = grpo_config(demo, policy, run_dir / "grpo", f"ipc://{socket_dir}/groups.sock")
     print(f"\n2. GRPO: {cfg.steps} steps x {cfg.algo.prompts_per_step} questions x {cfg.rollout.n} answers of "
           f"<= {cfg.rollout.max_response_tokens} tokens, rollout worker (hf backend) -> ZeroMQ -> DeepSpeed "
-          f"learner, run folder {cfg.logging.run_dir}", flush=True)
+          f"learner, run folder {cfg.output}", flush=True)
     history = grpo.run(cfg)
     shutdown()
     shutil.rmtree(socket_dir, ignore_errors=True)
-    shutil.rmtree(run_dir / "grpo" / "weights", ignore_errors=True)  # the versions the worker loaded
+    shutil.rmtree(run_dir / "grpo" / run_folder.WEIGHTS, ignore_errors=True)  # the versions the worker loaded
     _report(run_dir / "grpo")
 
     print("\n3. evaluation: greedy answers, scored with the RL reward's rules", flush=True)
     rows = [evaluate(initial, demo, "initial", run_dir / "eval-initial"),
-            evaluate(str(run_dir / "grpo" / "export"), demo,
+            evaluate(str(run_dir / "grpo" / run_folder.EXPORT), demo,
                      f"SFT {demo.sft_steps} + GRPO {len(history)} steps", run_dir / "eval-trained")]
     table = format_table(rows, EVAL_COLUMNS)
     print(table)

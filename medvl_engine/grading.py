@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from medvl_engine.errors import DataError
 from medvl_engine.rewards import ScoreResult, check_mode, check_threads
 
 FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
@@ -101,7 +102,7 @@ def _checked_options(row_options, label: str, row: int) -> list[tuple[str, str]]
         items.append((_checked_str(letter, f"options[{row}] key"), _checked_str(text, f"options[{row}][{letter!r}]")))
     if not any(letter == label for letter, _ in items):
         letters = ", ".join(letter for letter, _ in items)
-        raise ValueError(f"row {row}: answer_label {label!r} is not among its options ({letters})")
+        raise DataError(f"row {row}: answer_label {label!r} is not among its options ({letters})")
     return items
 
 

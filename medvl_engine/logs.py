@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 
+from medvl_engine.errors import ConfigError
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 ENV = "MEDVL_LOG_LEVEL"
 DEFAULT = "info"
@@ -36,7 +38,7 @@ def parse_level(text: str | None) -> str:
     """The level name of `text` (any case); ValueError naming the choices otherwise."""
     name = (text or "").strip().lower()
     if name not in LEVELS:
-        raise ValueError(f"log level {text!r}: choose from {', '.join(LEVELS)}")
+        raise ConfigError(f"log level {text!r}: choose from {', '.join(LEVELS)}")
     return name
 
 

@@ -26,8 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from medvl_engine import run_folder
+from medvl_engine.files import StepLog
+
 PREFIX = "medvl/"
-TIMELINE_NAME = "timeline.jsonl"
+TIMELINE_NAME = run_folder.TIMELINE
 
 
 class stage:  # noqa: N801 - used like a function: `with stage("loss"):`
@@ -85,8 +88,8 @@ class StepProfiler:
     @classmethod
     def from_config(cls, cfg, run_dir: str | Path, rank: int) -> StepProfiler:
         """From a `ProfileConfig`: its step range, in `cfg.dir` or `run_dir/profile`."""
-        return cls(cfg.step_range, cfg.dir or Path(run_dir) / "profile", rank, record_shapes=cfg.record_shapes,
-                   profile_memory=cfg.profile_memory)
+        return cls(cfg.step_range, cfg.dir or Path(run_dir) / run_folder.PROFILE, rank,
+                   record_shapes=cfg.record_shapes, profile_memory=cfg.profile_memory)
 
     @property
     def active(self) -> bool:
@@ -129,7 +132,7 @@ class StepProfiler:
         self.stop()
 
 
-class Timeline:
+class Timeline(StepLog):
     """`timeline.jsonl`: one line per span, `{"step", "who", "stage", "start", "end"}`, in seconds since the
     run started (from wall-clock `time.time()` stamps: the rollout workers' generation spans, stamped in
     their processes on the same machine, fall on the same clock). Only rank 0 writes.
@@ -138,19 +141,11 @@ class Timeline:
     kept span's end, so the picture has no overlapping sessions (the time between them is left out)."""
 
     def __init__(self, run_dir: str | Path, rank: int, *, resume_step: int | None = None, enabled: bool = True):
-        self.path = Path(run_dir) / TIMELINE_NAME
         self.origin = time.time()
-        self.file = None
-        if not enabled or rank != 0:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            from medvl_engine.files import truncate_to_step
-
-            truncate_to_step(self.path, resume_step)
+        super().__init__(Path(run_dir) / TIMELINE_NAME, enabled=enabled and rank == 0, resume_step=resume_step)
+        if self.file is not None and resume_step is not None:
             ends = [json.loads(line)["end"] for line in self._lines()]
             self.origin -= max(ends, default=0.0)
-        self.file = self.path.open("a" if resume_step is not None else "w")
 
     def _lines(self) -> list[str]:
         if not self.path.exists():
@@ -158,25 +153,6 @@ class Timeline:
         return [line for line in self.path.read_text().splitlines() if line.strip()]
 
     def write(self, step: int, who: str, spans) -> None:
-        """`spans`: `(stage, start, end)` with wall-clock start and end."""
-        if self.file is None:
-            return
-        for name, start, end in spans:
-            row = {"step": step, "who": who, "stage": name, "start": round(start - self.origin, 6),
-                   "end": round(end - self.origin, 6)}
-            self.file.write(json.dumps(row) + "\n")
-
-    def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    def __enter__(self) -> Timeline:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        """`spans`: `(stage, start, end)` with wall-clock start and end (buffered: `flush` writes them out)."""
+        self.append_rows(({"step": step, "who": who, "stage": name, "start": round(start - self.origin, 6),
+                           "end": round(end - self.origin, 6)} for name, start, end in spans), flush=False)

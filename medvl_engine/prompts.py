@@ -14,6 +14,7 @@ default (Qwen2.5-VL's "You are a helpful assistant."), as MedVLThinker's evaluat
 from __future__ import annotations
 
 from medvl_engine.data.sample import Sample
+from medvl_engine.errors import ConfigError, DataError
 
 # A raw string in MedVLThinker: the "\n" after "answer." is the two characters backslash and n, not a
 # newline, in every prompt its models were trained and evaluated on.
@@ -62,9 +63,9 @@ def render_prompt(tokenizer_or_processor, sample: Sample) -> str:
     template = getattr(tokenizer_or_processor, "chat_template", None)
     template = str(template) if isinstance(template, dict) else template  # named templates
     if not template:
-        raise ValueError(f"{type(tokenizer_or_processor).__name__} has no chat template to render a prompt with")
+        raise ConfigError(f"{type(tokenizer_or_processor).__name__} has no chat template to render a prompt with")
     if sample.images and "image" not in template:
-        raise ValueError(
+        raise ConfigError(
             f"sample {sample.dataset_index} of {sample.dataset_name or 'unnamed dataset'} has "
             f"{len(sample.images)} image(s) but the chat template of {type(tokenizer_or_processor).__name__} "
             "has no image placeholder: for a text-only model use --data.text-only (drop such questions) or "
@@ -82,5 +83,5 @@ def sft_target(sample: Sample) -> str:
     """The assistant turn for SFT: the reasoning in think tags, then the letter only in answer tags."""
     if sample.reasoning is None:
         where = sample.dataset_name or "unnamed dataset"
-        raise ValueError(f"sample {sample.dataset_index} of {where} has no reasoning to build an SFT target from")
+        raise DataError(f"sample {sample.dataset_index} of {where} has no reasoning to build an SFT target from")
     return f"<think> {sample.reasoning.strip()} </think>\n<answer> {sample.answer_label.strip()} </answer>"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medvl_engine._build import load_native
+from medvl_engine.errors import ConfigError
 
 MODES = ("reward", "eval", "regrade")
 
@@ -68,7 +69,7 @@ class ScoreResult:
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
+        raise ConfigError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
 
 
 def check_threads(threads: int | None) -> int:

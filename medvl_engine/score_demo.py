@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from medvl_engine.config import param
 from medvl_engine.data import bundled_answers_path, load_bundled
+from medvl_engine.errors import ConfigError
 from medvl_engine.rewards import MODES
 from medvl_engine.scoring import read_answers, score_answers, summary_line, write_jsonl
 from medvl_engine.tables import comparison_markdown
@@ -30,7 +31,7 @@ class ScoreDemoConfig:
 
     def __post_init__(self):
         if self.threads < 0:
-            raise ValueError(f"threads: must be >= 0, got {self.threads}")
+            raise ConfigError(f"threads: must be >= 0, got {self.threads}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,15 +23,12 @@ from typing import Literal
 
 from medvl_engine.config import param
 from medvl_engine.data import SampleSet, load_bundled, load_samples
+from medvl_engine.errors import AnswerFileError, ConfigError
 from medvl_engine.files import write_atomically
 from medvl_engine.rewards import score_samples
 from medvl_engine.tables import AccuracyTable, accuracy_table
 
 logger = logging.getLogger(__name__)
-
-
-class AnswerFileError(ValueError):
-    """The answers file does not fit either layout; the message names the file, line and field."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +202,7 @@ class ScoreConfig:
 
     def __post_init__(self):
         if self.threads < 0:
-            raise ValueError(f"threads: must be >= 0, got {self.threads}")
+            raise ConfigError(f"threads: must be >= 0, got {self.threads}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

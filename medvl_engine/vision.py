@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from medvl_engine.errors import ConfigError
+
 
 def is_vision_model(path: str) -> bool:
     from transformers import AutoConfig
@@ -70,7 +72,7 @@ def load_processor(path: str):
     except (ImportError, ValueError, TypeError, OSError, AttributeError):
         pass
     if config.model_type not in ("qwen2_5_vl", "qwen2_vl"):
-        raise ValueError(f"{path}: no processor with an image processor could be loaded for {config.model_type}")
+        raise ConfigError(f"{path}: no processor with an image processor could be loaded for {config.model_type}")
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -94,8 +96,8 @@ def expand_image_tokens(prompt_ids: Sequence[int], images: Sequence, processor) 
     if not images:
         return ids, {}
     if not hasattr(processor, "image_processor"):
-        raise ValueError(f"{len(images)} image(s) but {type(processor).__name__} has no image processor: the policy "
-                         "is a text-only model (use --data.text-only or --data.ignore-images for it)")
+        raise ConfigError(f"{len(images)} image(s) but {type(processor).__name__} has no image processor: the policy "
+                          "is a text-only model (use --data.text-only or --data.ignore-images for it)")
     pad = image_token_id(processor)
     slots = [i for i, t in enumerate(ids) if t == pad]
     if len(slots) != len(images):

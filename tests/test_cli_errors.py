@@ -11,7 +11,8 @@ import pytest
 import medvl_engine.scoring
 from medvl_engine.cli import main as cli
 from medvl_engine.data import DataError, bundled_answers_path, load_samples
-from medvl_engine.errors import UserError
+from medvl_engine.errors import AnswerFileError, ConfigError, RunFolderError, UserError
+from medvl_engine.scoring import AnswerFileError as ScoringAnswerFileError
 
 ANSWERS = str(bundled_answers_path())
 
@@ -116,6 +117,17 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert err.strip() == "medvl-engine score: interrupted"
 
 
+def test_the_user_errors_keep_their_import_paths_and_stay_valueerrors():
+    import medvl_engine.errors as errors
+    from medvl_engine.data.sample import DataError as SampleDataError
+
+    assert SampleDataError is DataError is errors.DataError
+    assert ScoringAnswerFileError is AnswerFileError
+    for error in (ConfigError, DataError, AnswerFileError):
+        assert issubclass(error, UserError) and issubclass(error, ValueError)
+    assert issubclass(RunFolderError, UserError) and not issubclass(RunFolderError, ValueError)
+
+
 def test_a_user_error_is_one_line_and_debug_shows_its_traceback(monkeypatch, capsys):
     def fails(args):
         raise UserError("the lock /tmp/x is stale")
@@ -140,7 +152,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 
 def test_a_valueerror_from_inside_a_library_is_a_bug_with_its_traceback(monkeypatch):
-    """Only this package's ValueErrors (config checks, loaders) are user errors; numpy's is a bug."""
+    """A plain ValueError is a bug wherever it is raised; numpy's shape error keeps its traceback."""
     import numpy as np
 
     def broken(args):
@@ -149,3 +161,60 @@ def test_a_valueerror_from_inside_a_library_is_a_bug_with_its_traceback(monkeypa
     monkeypatch.setattr(medvl_engine.scoring, "main", broken)
     with pytest.raises(ValueError, match="cannot reshape"):
         cli(["score", ANSWERS])
+
+
+def test_a_broken_invariant_inside_the_engine_keeps_its_traceback(monkeypatch, capsys):
+    """A plain ValueError raised inside medvl_engine (here the scorer's result check, fed a malformed result)
+    is a bug, not the user's mistake: it is not turned into a one-line `error:` (the old rule, which called a
+    ValueError whose innermost frame was in medvl_engine the user's, did)."""
+    import numpy as np
+
+    from medvl_engine.rewards import ScoreResult
+
+    def malformed(responses, samples, **kwargs):
+        n = len(responses)  # reward as float64: the engine must return float32
+        return ScoreResult(reward=np.zeros(n), correct=np.zeros(n, bool), format_ok=np.zeros(n, bool),
+                           parsed=[""] * n, letter=[""] * n)
+
+    monkeypatch.setattr(medvl_engine.scoring, "score_samples", malformed)
+    with pytest.raises(ValueError, match=r"ScoreResult.reward must be a float32 array") as raised:
+        cli(["score", ANSWERS])
+    assert type(raised.value) is ValueError
+    assert raised.traceback[-1].frame.f_globals["__name__"] == "medvl_engine.rewards"
+    assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [ConfigError("rollout.n: must be >= 1, got 0"),
+                                   DataError("q.jsonl: row 3: field 'options': empty"),
+                                   AnswerFileError("answers.jsonl:2: missing field 'dataset_index'"),
+                                   RunFolderError("run holds a run with other settings; use another folder")])
+def test_every_user_error_type_is_one_line_and_exit_2(monkeypatch, capsys, error):
+    def fails(args):
+        raise error
+
+    monkeypatch.setattr(medvl_engine.scoring, "main", fails)
+    assert cli(["score", ANSWERS]) == 2
+    assert _one_error_line(capsys, "score") == f"medvl-engine score: error: {error}"
+
+
+def _with_output_in_use(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("mine\n")
+    return ["curate", "--source", "bundled", "--pass-counts", str(tmp_path / "counts"), "--output",
+            str(tmp_path / "out")]
+
+
+@pytest.mark.parametrize("argv, error, message", [
+    (lambda tmp: ["score", ANSWERS, "--threads", "-1"], ConfigError, "threads: must be >= 0, got -1"),
+    (lambda tmp: ["score", ANSWERS, "--source", str(tmp / "absent.jsonl")], DataError, "absent.jsonl: file not found"),
+    (lambda tmp: ["score", str(tmp / "empty.jsonl")], AnswerFileError, "no answers (the file is empty)"),
+    (_with_output_in_use, RunFolderError, "is not empty (pass --overwrite to replace it)"),
+])
+def test_the_checks_raise_their_type_and_print_one_line(tmp_path, capsys, argv, error, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    argv = argv(tmp_path)
+    with pytest.raises(error) as raised:
+        cli(["--debug", *argv])
+    assert message in str(raised.value)
+    assert cli(argv) == 2
+    assert message in _one_error_line(capsys, argv[0])

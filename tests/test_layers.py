@@ -23,7 +23,8 @@ LAYER_NAMES = {CORE: "core", ROLLOUT: "rollout/transport", COMMANDS: "trainers/e
 LAYERS = {
     "_build": CORE, "_native": CORE, "benchmarking": CORE, "config": CORE, "data": CORE, "errors": CORE,
     "files": CORE, "grading": CORE, "kernels": CORE, "logs": CORE, "models": CORE, "profiling": CORE,
-    "progress": CORE, "prompts": CORE, "rewards": CORE, "tables": CORE, "vision": CORE,
+    "progress": CORE, "prompts": CORE, "rewards": CORE, "run_folder": CORE, "tables": CORE,
+    "vision": CORE,
     "rollout": ROLLOUT, "transport": ROLLOUT,
     "trainers": COMMANDS, "evals": COMMANDS, "databuild": COMMANDS, "scoring": COMMANDS,
     "api": TOP, "bench": TOP, "cli": TOP, "demo": TOP, "score_demo": TOP,

@@ -150,7 +150,13 @@ GRPO_REJECTED = [
     ({"transport": {"credits": 4}}, "transport.credits"),
     ({"transport": {"weight_sync": "disk"}}, "transport.weight_sync"),
     ({"transport": {"endpoint": "ipc:///tmp/x", "weight_sync": "memory"}}, "transport.weight_sync"),
-    ({"transport": {"weight_sync": "distributed"}}, "config.transport.weight_sync"),
+    ({"transport": {"weight_sync": "distributed"}}, "transport.weight_sync=distributed.*transport.endpoint"),
+    ({"transport": {"endpoint": "ipc:///tmp/x", "workers": 0, "weight_sync": "distributed"}}, "transport.workers"),
+    ({"transport": {"endpoint": "ipc:///tmp/x", "weight_sync": "distributed"}, "rollout": {"backend": "vllm"}},
+     "weight_sync=distributed.*vllm"),
+    ({"transport": {"sync_port": 70000}}, "transport.sync_port"),
+    ({"transport": {"endpoint": "ipc:///tmp/x", "weight_sync": "distributed", "sync_backend": "nccl"},
+      "rollout": {"device": "cpu"}}, "transport.sync_backend=nccl"),
     ({"rollout": {"temperature": 0.0, "n": 1}}, "rollout.temperature|rollout.n"),
     ({"rollout": {"temperature": 0.0}}, "rollout.temperature"),
     ({"rollout": {"n": 1}}, "rollout.n"),
@@ -209,3 +215,17 @@ def test_a_learner_hands_its_worker_the_run_config_as_a_file(tmp_path):
     worker = config_lib.load(WorkerConfig, path)
     assert worker.data == cfg.data and worker.rollout == cfg.rollout
     assert (worker.shard_index, worker.num_shards, worker.producer_id) == (1, 2, "rollout-1")
+
+
+def test_the_engine_seed_and_the_stream_seed_are_two_settings(monkeypatch):
+    # rollout.seed derives each request's seed from its stream position; rollout.engine_seed is the
+    # engine's own (vLLM's LLM(seed=...)); one used to set both.
+    from medvl_engine.rollout import backend as backend_lib
+    from medvl_engine.rollout.config import RolloutConfig, make_rollout_backend
+
+    seen = {}
+    monkeypatch.setattr(backend_lib, "make_backend", lambda name, path, **kwargs: seen.update(name=name, **kwargs))
+    make_rollout_backend(RolloutConfig(backend="vllm", seed=7, engine_seed=42), "folder")
+    assert seen["name"] == "vllm" and seen["seed"] == 42
+    with pytest.raises(ValueError, match="rollout.engine_seed"):
+        RolloutConfig(engine_seed=-1)

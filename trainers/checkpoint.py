@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from medvl_engine import run_folder
+from medvl_engine.errors import RunFolderError
+
 try:
     from numpy._core.multiarray import _reconstruct  # numpy >= 2
 except ImportError:
@@ -29,13 +32,15 @@ except ImportError:
 logger = logging.getLogger(__name__)
 
 _TAG_PREFIX = "step_"
-CONFIG_NAME = "config.yaml"
+CONFIG_NAME = run_folder.CONFIG
 # What a resumed run may change without --allow-changes: how long it runs, what it logs and profiles, when
-# it checkpoints, and where its rollout workers run and connect (the stream's order and seeds do not depend
-# on placement). Everything else (model, optimizer, data, rollout, algorithm, credits, seeds) shapes the
-# training the checkpoint continues. (With a cosine schedule a longer run stretches the remaining decay:
-# the schedule follows the new total.)
-RESUME_VOLATILE = ("steps", "epochs", "max_steps", "logging", "checkpoint.every", "checkpoint.keep",
+# it checkpoints, where its run folder is and the switches of the invocation (`resume`, `overwrite`,
+# `allow_changes`, never saved into config.yaml), and where its rollout workers run and connect (the
+# stream's order and seeds do not depend on placement). Everything else (model, optimizer, data, rollout,
+# algorithm, credits, seeds) shapes the training the checkpoint continues. (With a cosine schedule a longer
+# run stretches the remaining decay: the schedule follows the new total.)
+RESUME_VOLATILE = ("output", "resume", "overwrite", "allow_changes",
+                   "steps", "epochs", "max_steps", "logging", "checkpoint.every", "checkpoint.keep",
                    "checkpoint.export", "checkpoint.final", "transport.endpoint", "transport.workers", "transport.keys",
                    "transport.sync_bucket_mb", "profile")
 # What `np.random.get_state()` pickles beyond plain values: one uint32 array.
@@ -58,7 +63,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / run_folder.CHECKPOINTS
 
 
 def tags(run_dir: str | Path) -> list[str]:
@@ -104,13 +109,13 @@ def check_resume_settings(run_dir: str | Path, config: dict, *, allow_changes: b
     if not path.is_file():
         if allow_changes:
             return []
-        raise FileNotFoundError(f"--resume: {path} is missing, so the settings of the run cannot be checked "
-                                "(--allow-changes resumes without the check)")
+        raise RunFolderError(f"--resume: {path} is missing, so the settings of the run cannot be checked "
+                             "(--allow-changes resumes without the check)")
     changes = changed_settings(yaml.safe_load(path.read_text()) or {}, config)
     if changes and not allow_changes:
-        raise ValueError(f"--resume: the settings differ from those the run in {run_dir} was trained with "
-                         f"({path.name}): {'; '.join(changes)}. Resume with the same settings, or pass "
-                         "--allow-changes to continue with the new ones.")
+        raise RunFolderError(f"--resume: the settings differ from those the run in {run_dir} was trained with "
+                             f"({path.name}): {'; '.join(changes)}. Resume with the same settings, or pass "
+                             "--allow-changes to continue with the new ones.")
     return changes
 
 
@@ -130,24 +135,23 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool = Fals
     run_dir = Path(run_dir)
     if resume:
         if not tags(run_dir):
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {checkpoint_dir(run_dir)} (drop --resume "
-                                    "to start a new run)")
+            raise RunFolderError(f"--resume: no complete checkpoint under {checkpoint_dir(run_dir)} (drop --resume "
+                                 "to start a new run)")
         if config is not None:
             changes = check_resume_settings(run_dir, config, allow_changes=allow_changes)
             if changes and int(os.environ.get("RANK", "0")) == 0:
                 logger.warning("--resume --allow-changes: continuing %s with changed settings: %s", run_dir,
                                "; ".join(changes))
         return
-    used = [name for name in ("metrics.jsonl", "rollouts.jsonl", "checkpoints", "weights", "export")
-            if (run_dir / name).exists()]
+    used = [name for name in run_folder.TRAINING_OUTPUTS if (run_dir / name).exists()]
     if not used:
         return
     if not overwrite:
-        raise FileExistsError(f"{run_dir} holds an earlier run ({', '.join(used)}): --resume continues it, --overwrite "
-                              "replaces it, or choose another --logging.run-dir")
+        raise RunFolderError(f"{run_dir} holds an earlier run ({', '.join(used)}): --resume continues it, --overwrite "
+                             "replaces it, or choose another --output")
     if not (run_dir / CONFIG_NAME).is_file():
-        raise FileExistsError(f"--overwrite: {run_dir} has no {CONFIG_NAME}, so medvl-engine did not write it; "
-                              "remove it yourself or choose another --logging.run-dir")
+        raise RunFolderError(f"--overwrite: {run_dir} has no {CONFIG_NAME}, so medvl-engine did not write it; "
+                             "remove it yourself or choose another --output")
     if int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(run_dir)
 

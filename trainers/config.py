@@ -10,11 +10,13 @@ log-probs. `deepspeed_config(...)` turns the components into DeepSpeed's JSON co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from medvl_engine.config import param
+from medvl_engine.errors import ConfigError
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
 
 Dtype = Literal["bf16", "fp16", "fp32"]
@@ -25,7 +27,7 @@ def check_finite(section: str, obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is not None and not math.isfinite(value):
-            raise ValueError(f"{_key(section, name)}: must be a finite number, got {value}")
+            raise ConfigError(f"{_key(section, name)}: must be a finite number, got {value}")
 
 
 def check_at_least(section: str, obj, bound: float, *names: str) -> None:
@@ -33,7 +35,7 @@ def check_at_least(section: str, obj, bound: float, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not value >= bound:
-            raise ValueError(f"{_key(section, name)}: must be >= {bound}, got {value}")
+            raise ConfigError(f"{_key(section, name)}: must be >= {bound}, got {value}")
 
 
 def _key(section: str, name: str) -> str:
@@ -44,6 +46,8 @@ def _key(section: str, name: str) -> str:
 class ModelConfig:
     """The policy: a Hugging Face folder (or the embedded default `smollm2`)."""
 
+    SHORTHAND = "path"  # `model: PATH` in a file, `--model PATH` on the command line: model.path
+
     path: str = param("", "model folder (config, tokenizer, weights) or `smollm2` for the embedded default")
     dtype: Dtype = param("bf16", "training precision (DeepSpeed bf16/fp16 or plain fp32)")
     gradient_checkpointing: bool = param(True, "recompute activations in backward (MedVLThinker: on)")
@@ -53,7 +57,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if not self.attn_implementation:
-            raise ValueError("model.attn_implementation: may not be empty")
+            raise ConfigError("model.attn_implementation: may not be empty")
 
 
 @dataclass
@@ -71,14 +75,14 @@ class OptimConfig:
     def __post_init__(self):
         check_finite("optim", self, "lr", "weight_decay", "eps", "grad_clip", "warmup_ratio")
         if not self.lr > 0:
-            raise ValueError(f"optim.lr: must be > 0, got {self.lr}")
+            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
         if not self.eps > 0:
-            raise ValueError(f"optim.eps: must be > 0, got {self.eps}")
+            raise ConfigError(f"optim.eps: must be > 0, got {self.eps}")
         check_at_least("optim", self, 0, "weight_decay", "grad_clip")
         if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas: each must be in [0, 1), got {self.betas}")
+            raise ConfigError(f"optim.betas: each must be in [0, 1), got {self.betas}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"optim.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+            raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
 
 
 @dataclass
@@ -92,9 +96,9 @@ class DeepSpeedConfig:
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+            raise ConfigError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.micro_batch_size < 1:
-            raise ValueError(f"deepspeed.micro_batch_size: must be >= 1, got {self.micro_batch_size}")
+            raise ConfigError(f"deepspeed.micro_batch_size: must be >= 1, got {self.micro_batch_size}")
 
 
 @dataclass
@@ -105,30 +109,51 @@ class TransportConfig:
                           "the rollout pool runs in this process")
     workers: int = param(1, "rollout worker processes the learner starts itself (0: they are started apart)")
     credits: int = param(0, "groups a worker may have sent and not yet consumed (0: one step's worth)")
-    weight_sync: Literal["auto", "memory", "disk"] = param(
+    weight_sync: Literal["auto", "memory", "disk", "distributed"] = param(
         "auto", "auto: memory when colocated, disk with an endpoint; memory: into the in-process backend; "
-        "disk: an HF folder per version, announced to the workers")
+        "disk: an HF folder per version, announced to the workers; distributed: broadcast from the learner's "
+        "rank 0 over a torch.distributed group the workers join (nccl on GPUs, gloo on the CPU), bucket by "
+        "bucket, no copy through disk (split placement, workers this learner starts, hf or sglang backend)")
     sync_bucket_mb: int = param(512, "bucket size of a weight push, MB")
+    sync_address: str = param("127.0.0.1", "weight_sync=distributed: the address the rollout workers reach the "
+                              "learner's rank 0 at (the weight group's rendezvous; written into their config files)")
+    sync_port: int = param(0, "weight_sync=distributed: the rendezvous port of the weight group on the learner's "
+                           "rank 0 (0: a free port, written into the workers' config files)")
+    sync_backend: Literal["gloo", "nccl"] = param(
+        "gloo", "weight_sync=distributed: the weight group's torch.distributed backend; gloo: any device (GPU "
+        "tensors pass through host memory); nccl: GPU to GPU, every rank on a GPU of its own (the learner's rank 0 "
+        "and the workers' engines must not share one: NCCL refuses two ranks on one device)")
     keys: str = param("", "folder of the run's CURVE keys (`medvl-engine keys DIR`; empty: $MEDVL_TRANSPORT_KEYS); "
                       "needed on tcp addresses other hosts can reach")
 
     def __post_init__(self):
         check_at_least("transport", self, 0, "workers", "credits")
         if self.sync_bucket_mb < 1:
-            raise ValueError(f"transport.sync_bucket_mb: must be >= 1, got {self.sync_bucket_mb}")
+            raise ConfigError(f"transport.sync_bucket_mb: must be >= 1, got {self.sync_bucket_mb}")
+        if not 0 <= self.sync_port <= 65535:
+            raise ConfigError(f"transport.sync_port: must be a port in [0, 65535] (0: a free one), "
+                              f"got {self.sync_port}")
+        if self.weight_sync == "distributed" and not self.sync_address:
+            raise ConfigError("transport.sync_address: weight_sync=distributed needs the address the workers "
+                              "reach the learner at")
         if not self.endpoint:
             if self.workers != 1:
-                raise ValueError(f"transport.workers={self.workers} starts rollout worker processes: it needs "
-                                 "transport.endpoint (without one the rollout runs in the learner's process)")
+                raise ConfigError(f"transport.workers={self.workers} starts rollout worker processes: it needs "
+                                  "transport.endpoint (without one the rollout runs in the learner's process)")
             if self.credits:
-                raise ValueError("transport.credits bounds what rollout workers send: it needs transport.endpoint")
-            if self.weight_sync == "disk":
-                raise ValueError("transport.weight_sync=disk announces weights to rollout workers: it needs "
-                                 "transport.endpoint (colocated, weights move in memory)")
+                raise ConfigError("transport.credits bounds what rollout workers send: it needs transport.endpoint")
+            if self.weight_sync in ("disk", "distributed"):
+                raise ConfigError(f"transport.weight_sync={self.weight_sync} sends weights to rollout worker "
+                                  "processes: it needs transport.endpoint (colocated, the rollout runs in this "
+                                  "process and weights move in memory)")
+        elif self.weight_sync == "distributed" and self.workers == 0:
+            raise ConfigError("transport.weight_sync=distributed forms its torch.distributed group with the "
+                              "rollout workers this learner starts: it needs transport.workers >= 1 (workers "
+                              "started apart: use disk)")
         elif self.weight_sync == "memory":
-            raise ValueError(f"transport.weight_sync=memory pushes weights into a backend in this process, but "
-                             f"with transport.endpoint={self.endpoint!r} the rollout runs in worker processes: "
-                             "use disk (or auto)")
+            raise ConfigError(f"transport.weight_sync=memory pushes weights into a backend in this process, but "
+                              f"with transport.endpoint={self.endpoint!r} the rollout runs in worker processes: "
+                              "use disk (or auto)")
 
     @property
     def colocated(self) -> bool:
@@ -167,21 +192,21 @@ class AlgoConfig:
     def __post_init__(self):
         check_at_least("algo", self, 1, "prompts_per_step", "mini_batches", "max_draw_factor")
         if self.prompts_per_step % self.mini_batches:
-            raise ValueError(f"algo.prompts_per_step ({self.prompts_per_step}) must be divisible by "
-                             f"algo.mini_batches ({self.mini_batches})")
+            raise ConfigError(f"algo.prompts_per_step ({self.prompts_per_step}) must be divisible by "
+                              f"algo.mini_batches ({self.mini_batches})")
         check_finite("algo", self, "clip_low", "clip_high", "clip_ratio_c", "kl_coef", "entropy_coef", "tis_cap",
                      "epsilon")
         check_at_least("algo", self, 0, "clip_low", "clip_high", "kl_coef", "entropy_coef", "tis_cap")
         if self.clip_high < self.clip_low:
-            raise ValueError(f"algo.clip_high ({self.clip_high}) is below algo.clip_low ({self.clip_low}): the ratio "
-                             "is clipped to [1 - clip_low, 1 + clip_high], and clip-higher (DAPO) raises clip_high")
+            raise ConfigError(f"algo.clip_high ({self.clip_high}) is below algo.clip_low ({self.clip_low}): the ratio "
+                              "is clipped to [1 - clip_low, 1 + clip_high], and clip-higher (DAPO) raises clip_high")
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
-            raise ValueError(f"algo.clip_ratio_c: must be > 1 (or none: off), got {self.clip_ratio_c}")
+            raise ConfigError(f"algo.clip_ratio_c: must be > 1 (or none: off), got {self.clip_ratio_c}")
         if not self.epsilon > 0:
-            raise ValueError(f"algo.epsilon: must be > 0, got {self.epsilon}")
+            raise ConfigError(f"algo.epsilon: must be > 0, got {self.epsilon}")
         if self.tis_cap and self.old_logp == "engine":
-            raise ValueError("algo.tis_cap corrects recomputed old log-probs towards the engine's: "
-                             "it needs algo.old_logp=recompute")
+            raise ConfigError("algo.tis_cap corrects recomputed old log-probs towards the engine's: "
+                              "it needs algo.old_logp=recompute")
 
 
 # sink -> the package it needs (its extra has the same name)
@@ -190,14 +215,13 @@ METRIC_SINKS = {"jsonl": "", "tensorboard": "tensorboard", "wandb": "wandb"}
 
 @dataclass
 class LoggingConfig:
-    """Where the run writes and how often it reports."""
+    """What the run reports and how often (the run folder is the top-level `output`)."""
 
-    run_dir: str = param("runs/latest", "run folder: config, metrics.jsonl, checkpoints, export")
     log_every: int = param(1, "print a metrics line every k steps")
     rollouts: bool = param(True, "GRPO: append every trained answer to rollouts.jsonl (off for very large runs)")
     sinks: str = param("jsonl", "where the per-step metrics go, comma-separated: jsonl (metrics.jsonl, always "
-                       "written: resume and `report` read it), tensorboard (run_dir/tensorboard; extra "
-                       "[tensorboard]), wandb (run_dir/wandb, offline unless WANDB_API_KEY or WANDB_MODE is set; "
+                       "written: resume and `report` read it), tensorboard (output/tensorboard; extra "
+                       "[tensorboard]), wandb (output/wandb, offline unless WANDB_API_KEY or WANDB_MODE is set; "
                        "extra [wandb])")
     wandb_project: str = param("medvl-engine", "W&B project")
     wandb_name: str = param("", "W&B run name (empty: the run folder's name)")
@@ -205,19 +229,17 @@ class LoggingConfig:
     def __post_init__(self):
         import importlib.util
 
-        if not self.run_dir:
-            raise ValueError("logging.run_dir: may not be empty")
         if self.log_every < 1:
-            raise ValueError(f"logging.log_every: must be >= 1, got {self.log_every}")
+            raise ConfigError(f"logging.log_every: must be >= 1, got {self.log_every}")
         unknown = [s for s in self.sink_names if s not in METRIC_SINKS]
         if unknown:
-            raise ValueError(f"logging.sinks: unknown sink(s) {unknown} (choose from {', '.join(METRIC_SINKS)})")
+            raise ConfigError(f"logging.sinks: unknown sink(s) {unknown} (choose from {', '.join(METRIC_SINKS)})")
         for sink in self.sink_names:
             # Checked here, before any model loads: a run that cannot log where it was told is an error now,
             # not after its first step.
             if METRIC_SINKS[sink] and importlib.util.find_spec(METRIC_SINKS[sink]) is None:
-                raise ValueError(f"logging.sinks: {sink} needs the `{METRIC_SINKS[sink]}` package, which is not "
-                                 f"installed: pip install 'medvl-engine[{sink}]'")
+                raise ConfigError(f"logging.sinks: {sink} needs the `{METRIC_SINKS[sink]}` package, which is not "
+                                  f"installed: pip install 'medvl-engine[{sink}]'")
 
     @property
     def sink_names(self) -> tuple[str, ...]:
@@ -235,11 +257,11 @@ def parse_step_range(text: str, key: str = "profile.steps") -> tuple[int, int] |
     try:
         bounds = (int(first), int(last) if sep else int(first))
     except ValueError:
-        raise ValueError(f"{key}: expected steps as A-B or A (e.g. 3-5), got {text!r}") from None
+        raise ConfigError(f"{key}: expected steps as A-B or A (e.g. 3-5), got {text!r}") from None
     if bounds[0] < 1:
-        raise ValueError(f"{key}: steps count from 1 (as in metrics.jsonl), got {text!r}")
+        raise ConfigError(f"{key}: steps count from 1 (as in metrics.jsonl), got {text!r}")
     if bounds[1] < bounds[0]:
-        raise ValueError(f"{key}: the range {text!r} ends before it starts")
+        raise ConfigError(f"{key}: the range {text!r} ends before it starts")
     return bounds
 
 
@@ -249,7 +271,7 @@ class ProfileConfig:
 
     steps: str = param("", "record these steps with torch.profiler: A-B or A (1-based, as in metrics.jsonl; empty: "
                        "none); one Chrome trace per rank, trace-rank{R}.json, for chrome://tracing or Perfetto")
-    dir: str = param("", "folder of the traces (empty: run_dir/profile)")
+    dir: str = param("", "folder of the traces (empty: output/profile)")
     record_shapes: bool = param(False, "record the input shapes of every op (larger trace, slower steps)")
     profile_memory: bool = param(False, "record tensor allocations (larger trace, slower steps)")
     timeline: bool = param(True, "GRPO: write timeline.jsonl, the wall-clock spans of every step's stages and of "
@@ -279,7 +301,30 @@ class CheckpointConfig:
 
 
 @dataclass
-class GRPOConfig:
+class TrainingRun:
+    """The run folder of `grpo` and `sft`, and how a run treats an earlier one there (as `eval`, `passrate`,
+    `curate` and `build-data` name theirs: `output`, `overwrite`)."""
+
+    # One release of the old spelling (`logging.run_dir`, `--logging.run-dir`), with a warning.
+    RENAMED = {"logging.run_dir": "output"}
+
+    output: str = param("runs/latest", "run folder: config.yaml, metrics.jsonl, checkpoints, export")
+    # Switches of this invocation, not settings of the run: never saved into config.yaml (so
+    # `--config RUN/config.yaml` starts a run, it does not resume one) and free to change on resume.
+    overwrite: bool = param(False, "replace an earlier run in the run folder (only a folder medvl-engine wrote)",
+                            saved=False)
+    resume: bool = param(False, "continue from the run folder's latest checkpoint", saved=False)
+    allow_changes: bool = param(False, "with --resume: continue even though settings differ from the run folder's "
+                                "config.yaml (the changes are printed; steps, logging, checkpoint cadence and "
+                                "worker placement may always change)", saved=False)
+
+    def __post_init__(self):
+        if not self.output:
+            raise ConfigError("output: may not be empty (the run folder)")
+
+
+@dataclass
+class GRPOConfig(TrainingRun):
     """A GRPO run: MedVLThinker's RL recipe by default."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -296,22 +341,28 @@ class GRPOConfig:
     seed: int = param(0, "learner seed (python, numpy, torch)")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.steps < 1:
-            raise ValueError(f"steps: must be >= 1, got {self.steps}")
-        if self.rollout.temperature == 0:
-            raise ValueError("rollout.temperature: GRPO samples n answers per question; 0 (greedy) gives n equal "
-                             "answers and no advantage")
+            raise ConfigError(f"steps: must be >= 1, got {self.steps}")
+        self.rollout.require_sampling("GRPO's n answers per question would be equal and give no advantage")
         if self.rollout.n < 2:
-            raise ValueError(f"rollout.n={self.rollout.n}: the advantage of a group of one answer is always 0; "
-                             "GRPO needs rollout.n >= 2")
+            raise ConfigError(f"rollout.n={self.rollout.n}: the advantage of a group of one answer is always 0; "
+                              "GRPO needs rollout.n >= 2")
+        if (self.transport.sync_kind == "distributed" and self.transport.sync_backend == "nccl"
+                and self.rollout.backend == "hf" and self.rollout.device == "cpu"):
+            raise ConfigError("transport.sync_backend=nccl: the hf backend runs on the CPU (rollout.device cpu); "
+                              "NCCL moves GPU tensors only, use gloo")
+        if self.transport.weight_sync == "distributed" and self.rollout.backend == "vllm":
+            raise ConfigError("transport.weight_sync=distributed: the vllm backend cannot receive weights over "
+                              "torch.distributed; use transport.weight_sync disk (or rollout.backend hf or sglang)")
         steps = self.profile.step_range
         if steps and steps[0] > self.steps:
-            raise ValueError(f"profile.steps {self.profile.steps}: the run has {self.steps} steps, none of them "
-                             "would be recorded")
+            raise ConfigError(f"profile.steps {self.profile.steps}: the run has {self.steps} steps, none of them "
+                              "would be recorded")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainingRun):
     """An SFT run on reasoning traces: MedVLThinker's TRL settings by default."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -332,12 +383,19 @@ class SFTConfig:
     seed: int = param(0, "learner seed (python, numpy, torch)")
 
     def __post_init__(self):
+        super().__post_init__()
         check_at_least("", self, 1, "epochs", "global_batch_size", "max_tokens")
         check_at_least("", self, 0, "max_steps")
         steps = self.profile.step_range
         if steps and self.max_steps and steps[0] > self.max_steps:
-            raise ValueError(f"profile.steps {self.profile.steps}: the run stops after max_steps={self.max_steps}, "
-                             "none of them would be recorded")
+            raise ConfigError(f"profile.steps {self.profile.steps}: the run stops after max_steps={self.max_steps}, "
+                              "none of them would be recorded")
+
+
+def with_switches(cfg, **switches: bool | None):
+    """`cfg` with the run switches given (not None) set: `run(cfg, resume=True)` as `--resume` would."""
+    given = {name: value for name, value in switches.items() if value is not None}
+    return dataclasses.replace(cfg, **given) if given else cfg
 
 
 def deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, dtype: str, *, train_batch_size: int,
@@ -349,8 +407,8 @@ def deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, dtype: str, *, tra
     """
     per_step = ds.micro_batch_size * world_size
     if train_batch_size % per_step:
-        raise ValueError(f"train batch of {train_batch_size} sequences is not a multiple of "
-                         f"deepspeed.micro_batch_size ({ds.micro_batch_size}) x {world_size} ranks")
+        raise ConfigError(f"train batch of {train_batch_size} sequences is not a multiple of "
+                          f"deepspeed.micro_batch_size ({ds.micro_batch_size}) x {world_size} ranks")
     warmup = int(round(optim.warmup_ratio * total_steps))
     if optim.schedule == "constant" and warmup == 0:
         scheduler = None  # DeepSpeed's WarmupLR rejects 0 warmup steps; no scheduler keeps lr fixed

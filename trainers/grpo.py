@@ -30,9 +30,11 @@ import numpy as np
 import torch
 
 from medvl_engine import config as config_lib
+from medvl_engine import run_folder
+from medvl_engine.errors import ConfigError
 from medvl_engine.profiling import StepProfiler, Timeline, stage
 from medvl_engine.progress import Progress
-from medvl_engine.trainers.config import GRPOConfig
+from medvl_engine.trainers.config import GRPOConfig, with_switches
 from medvl_engine.trainers.learner import MicroBatch
 from medvl_engine.trainers.rollout_batch import RolloutBatch
 
@@ -157,7 +159,7 @@ class GRPOTrainer:
             for pm in mini:
                 if algo.old_logp == "engine":
                     if pm.engine_logp is None:
-                        raise ValueError("algo.old_logp=engine but the rollout groups carry no engine log-probs")
+                        raise ConfigError("algo.old_logp=engine but the rollout groups carry no engine log-probs")
                     pm.old_logp = pm.engine_logp
                 else:
                     with stage("old_logprobs"):
@@ -300,9 +302,11 @@ def table_row(row: dict, header: bool) -> str:
     return "\n".join(lines if header else lines[2:])
 
 
-def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
-        feed=None, sync=None, on_step=None) -> list[dict]:
-    """Train `cfg.steps` steps (from the last checkpoint with `resume`); returns the per-step metrics.
+def run(cfg: GRPOConfig, *, resume: bool | None = None, overwrite: bool | None = None,
+        allow_changes: bool | None = None, feed=None, sync=None, on_step=None) -> list[dict]:
+    """Train `cfg.steps` steps (from the last checkpoint with `cfg.resume`); returns the per-step metrics.
+
+    `resume`, `overwrite`, `allow_changes` override the config's switches of the same names when given.
 
     `feed` and `sync` default to the configured placement: a RolloutPool in this process with weights
     pushed in memory, or rollout workers over `transport.endpoint` with weights through disk.
@@ -313,15 +317,17 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow
     from medvl_engine.trainers.metrics import MetricsLog, RolloutLog
     from medvl_engine.trainers.placement import build_source, make_weight_sync
 
-    checkpoint.prepare_run_dir(cfg.logging.run_dir, resume=resume, overwrite=overwrite,
-                               config=config_lib.to_dict(cfg), allow_changes=allow_changes)
+    cfg = with_switches(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
+    resume = cfg.resume
+    checkpoint.prepare_run_dir(cfg.output, resume=resume, overwrite=cfg.overwrite,
+                               config=config_lib.to_dict(cfg), allow_changes=cfg.allow_changes)
     seed_everything(cfg.seed)
     algo = cfg.algo
     groups_per_mini = algo.prompts_per_step // algo.mini_batches
     learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=groups_per_mini * cfg.rollout.n,
                             total_steps=cfg.steps * algo.mini_batches, reference=algo.kl_coef > 0,
                             fused_logprobs=cfg.model.fused_logprobs)
-    run_dir = Path(cfg.logging.run_dir)
+    run_dir = Path(cfg.output)
     state = checkpoint.load_checkpoint(learner, run_dir) if resume else None
     source = build_source(cfg, learner, state, feed=feed)
     if sync is None:
@@ -331,7 +337,7 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow
     if state:
         sync.push(learner, trainer.version)  # the samplers start from the restored weights
     if learner.rank == 0:
-        config_lib.save(cfg, run_dir / "config.yaml")
+        config_lib.save(cfg, run_dir / run_folder.CONFIG)
     history = []
     resume_step = trainer.step_index if resume else None
     rollouts = RolloutLog(run_dir, learner.rank, enabled=cfg.logging.rollouts, resume_step=resume_step)
@@ -364,27 +370,20 @@ def run(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow
                 checkpoint.save_checkpoint(learner, run_dir, trainer.step_index, trainer.client_state(),
                                            keep=cfg.checkpoint.keep)
         if cfg.checkpoint.export:
-            checkpoint.export_hf(learner, run_dir / "export")
+            checkpoint.export_hf(learner, run_dir / run_folder.EXPORT)
     finally:
         source.close()
     return history
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    config_lib.add_arguments(parser, GRPOConfig)
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier run in the run folder (only a folder medvl-engine wrote)")
-    parser.add_argument("--allow-changes", action="store_true",
-                        help="with --resume: continue even though settings differ from the run folder's config.yaml "
-                        "(the changes are printed; steps, logging, checkpoint cadence and worker placement may "
-                        "always change)")
+    config_lib.add_arguments(parser, GRPOConfig)  # --output, --overwrite, --resume, --allow-changes among them
 
 
 def main(args: argparse.Namespace) -> int:
     from medvl_engine.trainers.distributed import shutdown
 
     cfg = config_lib.from_args(GRPOConfig, args)
-    history = run(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+    history = run(cfg)
     shutdown()  # after an error the other ranks are stopped by the launcher; a barrier would hang them
     return 0 if history and all(math.isfinite(r["loss"]) for r in history) else 1

@@ -4,14 +4,14 @@ model wrote, for which prompt, with which seed and reward)."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from pathlib import Path
 
 import msgspec
 
-from medvl_engine.files import truncate_to_step
+from medvl_engine import run_folder
+from medvl_engine.files import StepLog
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -27,7 +27,7 @@ class TensorBoardSink:
     def __init__(self, run_dir: Path, *, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+        self.writer = SummaryWriter(log_dir=str(run_dir / run_folder.TENSORBOARD),
                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
@@ -49,7 +49,7 @@ class WandbSink:
 
         from medvl_engine import config as config_lib
 
-        id_file = run_dir / "wandb-id"
+        id_file = run_dir / run_folder.WANDB_ID
         resumed = resume_step is not None and id_file.is_file()
         run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
@@ -67,21 +67,16 @@ class WandbSink:
         self.run.finish()
 
 
-class MetricsLog:
+class MetricsLog(StepLog):
     """`metrics.jsonl`: one JSON object per step, and the same rows to the sinks `config.logging.sinks`
     names (TensorBoard, W&B; `config` is the run config, GRPOConfig or SFTConfig). Only rank 0 writes.
     `resume_step` (a resumed run) keeps the log up to that step."""
 
     def __init__(self, run_dir: str | Path, rank: int, *, resume_step: int | None = None, config=None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        super().__init__(Path(run_dir) / run_folder.METRICS, enabled=rank == 0, resume_step=resume_step)
         self.rank = rank
-        self.file = None
         self.sinks: list = []
         if rank == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None:
-                truncate_to_step(self.path, resume_step)
-            self.file = self.path.open("a" if resume_step is not None else "w")
             names = config.logging.sink_names if config is not None else ()
             try:
                 if "tensorboard" in names:
@@ -93,27 +88,17 @@ class MetricsLog:
                 raise
 
     def write(self, row: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+        self.append_rows([row])
         if self.sinks:
             values = scalars(row)
             for sink in self.sinks:
                 sink.write(int(row["step"]), values)
 
     def close(self) -> None:
-        if self.file:
-            self.file.close()
-            self.file = None
+        super().close()
         for sink in self.sinks:
             sink.close()
         self.sinks = []
-
-    def __enter__(self) -> MetricsLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class RolloutRecord(msgspec.Struct):
@@ -137,19 +122,13 @@ class RolloutRecord(msgspec.Struct):
     response_tokens: int
 
 
-class RolloutLog:
+class RolloutLog(StepLog):
     """Appends every answer of every trained group to `run_dir/rollouts.jsonl` (rank 0; off with `enabled`).
     `resume_step` (a resumed run) keeps the log up to that step."""
 
     def __init__(self, run_dir: str | Path, rank: int, *, enabled: bool = True, resume_step: int | None = None):
-        self.path = Path(run_dir) / "rollouts.jsonl"
-        self.file = None
+        super().__init__(Path(run_dir) / run_folder.ROLLOUTS, enabled=rank == 0 and enabled, resume_step=resume_step)
         self._encoder = msgspec.json.Encoder()
-        if rank == 0 and enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None:
-                truncate_to_step(self.path, resume_step)
-            self.file = self.path.open("ab" if resume_step is not None else "wb")
 
     def write(self, step: int, groups) -> None:
         if not self.file:
@@ -164,19 +143,7 @@ class RolloutLog:
                     reward=float(rewards[i]), correct=bool(correct[i]), format_ok=bool(format_ok[i]),
                     parsed=g.parsed[i] if g.parsed else "", letter=g.letters[i], finish_reason=g.finish_reasons[i],
                     response_tokens=int(g.response_array(i).size))))
-        self.file.write(b"\n".join(lines) + b"\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-            self.file = None
-
-    def __enter__(self) -> RolloutLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.append(b"\n".join(lines) + b"\n")
 
 
 def read_rollouts(path: str | Path) -> list[RolloutRecord]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from medvl_engine.errors import ConfigError
 from medvl_engine.models import EMBEDDED_DEFAULT, cache_dir, resolve_model_path  # noqa: F401 (re-exported)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -27,7 +28,7 @@ def load_policy(path: str, dtype: str = "fp32", attn_implementation: str = "sdpa
     from medvl_engine.vision import is_vision_model
 
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+        raise ConfigError(f"model.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
     path = resolve_model_path(path)
     auto = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
     return auto.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medvl_engine import config as config_lib
+from medvl_engine import run_folder
 from medvl_engine.trainers.config import GRPOConfig
 
 
@@ -54,29 +55,59 @@ def build_transport_feed(cfg: GRPOConfig, state: dict | None):
     receiver = GroupReceiver(t.endpoint, credits=t.credits or cfg.algo.prompts_per_step,
                              start_seqs=state["seqs"] if state else None, keys=t.keys or None)
     endpoint = receiver.endpoint.replace("0.0.0.0", "127.0.0.1")
-    run_dir = Path(cfg.logging.run_dir)
+    run_dir = Path(cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     # The configuration of a worker started apart (another node): the run's data and rollout sections;
     # give it --connect, --producer-id, --shard-index and --num-shards on its command line.
-    config_lib.save(worker_config(cfg, t.endpoint), run_dir / "rollout-worker.yaml")
+    config_lib.save(worker_config(cfg, t.endpoint), run_dir / run_folder.ROLLOUT_WORKER_CONFIG)
+    group = weight_group(cfg)
     workers = []
     for i in range(t.workers):
-        path = config_lib.save(worker_config(cfg, endpoint, shard=i), run_dir / f"rollout-{i}.yaml")
-        workers.append(WorkerProcess(["--config", str(path)], log_path=run_dir / f"rollout-{i}.log",
-                                     name=f"rollout-{i}"))
-    return TransportFeed(receiver, workers)
+        path = config_lib.save(worker_config(cfg, endpoint, shard=i, group=group),
+                               run_folder.rollout_config(run_dir, i))
+        # A worker of a torch.distributed weight group cannot rejoin it: its death ends the run, with its log.
+        restarts = {"max_restarts": 0} if group else {}
+        workers.append(WorkerProcess(["--config", str(path)], log_path=run_folder.rollout_log(run_dir, i),
+                                     name=run_folder.rollout_worker_name(i), **restarts))
+    return TransportFeed(receiver, workers, weight_group=group)
 
 
-def worker_config(cfg: GRPOConfig, endpoint: str, *, shard: int = 0):
+def weight_group(cfg: GRPOConfig) -> dict | None:
+    """`transport.weight_sync distributed`: where the weight group meets (the learner's rank 0 hosts the
+    rendezvous), its backend (`transport.sync_backend`) and the ranks of each worker's engine (an sglang
+    engine: tp_size ranks; hf: one). None for the other syncs."""
+    from medvl_engine.rollout.weight_group import group_name
+    from medvl_engine.trainers.distributed import free_port
+
+    t, rollout = cfg.transport, cfg.rollout
+    if t.sync_kind != "distributed":
+        return None
+    port = t.sync_port or free_port()
+    ranks = rollout.tp_size if rollout.backend == "sglang" else 1
+    return {"address": t.sync_address, "port": port, "backend": t.sync_backend,
+            "group_name": group_name(port), "engine_world_sizes": [ranks] * t.workers}
+
+
+def worker_config(cfg: GRPOConfig, endpoint: str, *, shard: int = 0, group: dict | None = None):
     """The `medvl-engine rollout-worker` configuration of worker `shard` of this run (a worker started by
     hand takes the same file with its own --shard-index and --producer-id): the run's data and rollout
-    sections, so it samples exactly what the colocated learner would."""
+    sections, so it samples exactly what the colocated learner would; with a weight `group`
+    (`weight_group`), where it meets and its rank there."""
     from medvl_engine.models import resolve_model_path
     from medvl_engine.rollout.worker import WorkerConfig
 
-    return WorkerConfig(model=resolve_model_path(cfg.model.path), connect=endpoint, producer_id=f"rollout-{shard}",
-                        shard_index=shard, num_shards=max(cfg.transport.workers, 1), data=cfg.data,
-                        rollout=cfg.rollout, keys=cfg.transport.keys)
+    return WorkerConfig(model=resolve_model_path(cfg.model.path), connect=endpoint,
+                        producer_id=run_folder.rollout_worker_name(shard), shard_index=shard,
+                        num_shards=max(cfg.transport.workers, 1), data=cfg.data, rollout=cfg.rollout,
+                        keys=cfg.transport.keys, **_sync_fields(group, shard))
+
+
+def _sync_fields(group: dict | None, shard: int) -> dict:
+    if group is None:
+        return {}
+    sizes = group["engine_world_sizes"]
+    return {"sync_address": group["address"], "sync_port": group["port"], "sync_rank": 1 + sum(sizes[:shard]),
+            "sync_world_size": 1 + sum(sizes), "sync_backend": group["backend"]}
 
 
 def make_weight_sync(cfg: GRPOConfig, source):
@@ -86,7 +117,30 @@ def make_weight_sync(cfg: GRPOConfig, source):
     kind = cfg.transport.sync_kind
     if kind == "memory":
         backends = [feed.backend] if feed is not None else []
-        return make_sync("memory", run_dir=cfg.logging.run_dir, backends=backends,
+        return make_sync("memory", run_dir=cfg.output, backends=backends,
                          bucket_mb=cfg.transport.sync_bucket_mb, run=feed.run if feed is not None else None)
-    return make_sync(kind, run_dir=cfg.logging.run_dir, announce=source.announce,
+    if kind == "distributed":
+        return _distributed_sync(cfg, source)
+    return make_sync(kind, run_dir=cfg.output, announce=source.announce,
                      bucket_mb=cfg.transport.sync_bucket_mb)
+
+
+def _distributed_sync(cfg: GRPOConfig, source):
+    """A DistributedSync to the workers this learner started: rank 0 forms the weight group with them (it
+    waits until each has loaded its engine and joined, raising if one dies meanwhile); every push is
+    announced with its buckets, and waits for every worker to say it loaded them."""
+    from medvl_engine.errors import ConfigError
+    from medvl_engine.trainers.weight_sync import make_sync
+
+    feed = source.feed  # rank 0 only
+    group = getattr(feed, "weight_group", None)
+    if feed is not None and group is None:
+        raise ConfigError("transport.weight_sync=distributed needs rollout workers started by this learner "
+                          "(a TransportFeed with a weight group)")
+    sync = make_sync("distributed", run_dir=cfg.output, announce=source.announce,
+                     bucket_mb=cfg.transport.sync_bucket_mb, wait=feed.wait_for_workers if feed else None,
+                     backend=group["backend"] if group else "gloo",
+                     group_name=group["group_name"] if group else "medvl_weights")
+    if group is not None:
+        sync.connect(source, group["address"], group["port"], group["engine_world_sizes"], check=feed.check)
+    return sync

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from medvl_engine.errors import ConfigError
 from medvl_engine.trainers.learner import MicroBatch, pad_sequences
 from medvl_engine.transport.messages import RolloutGroup
 
@@ -52,9 +53,9 @@ class RolloutBatch:
             group_vision: dict = {}
             if group.images:
                 if processor is None:
-                    raise ValueError(f"group {group.prompt_id!r} has {len(group.images)} image(s) but the policy is a "
-                                     "text-only model: train an image-text model, or set --data.text-only or "
-                                     "--data.ignore-images")
+                    raise ConfigError(f"group {group.prompt_id!r} has {len(group.images)} image(s) but the policy is a "
+                                      "text-only model: train an image-text model, or set --data.text-only or "
+                                      "--data.ignore-images")
                 try:
                     ids, group_vision = expand_image_tokens(prompt.tolist(), group.image_list(), processor)
                 except ValueError as exc:
@@ -62,8 +63,8 @@ class RolloutBatch:
                 prompt = np.asarray(ids, dtype=np.int32)
                 num_images += len(group.images)
             if prompt.size > max_prompt_tokens:
-                raise ValueError(f"group {group.prompt_id!r}: prompt of {prompt.size} tokens > "
-                                 f"rollout.max_prompt_tokens {max_prompt_tokens}")
+                raise ConfigError(f"group {group.prompt_id!r}: prompt of {prompt.size} tokens > "
+                                  f"rollout.max_prompt_tokens {max_prompt_tokens}")
             if group.n == 0:
                 raise ValueError(f"group {group.prompt_id!r}: no answers")
             for i in range(group.n):
@@ -112,8 +113,8 @@ class RolloutBatch:
 
     def shard(self, indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
         if len(indices) % world_size:
-            raise ValueError(f"a mini-batch of {len(indices)} answers does not split over {world_size} ranks "
-                             "(make groups per mini-batch x n a multiple of the number of ranks)")
+            raise ConfigError(f"a mini-batch of {len(indices)} answers does not split over {world_size} ranks "
+                              "(make groups per mini-batch x n a multiple of the number of ranks)")
         per = len(indices) // world_size
         return indices[rank * per : (rank + 1) * per]
 

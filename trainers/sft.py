@@ -6,7 +6,7 @@ target and its end-of-turn token carry loss. The loss is the mean over all targe
 global batch (not a mean of per-micro-batch means), so it does not depend on how the batch is split
 over ranks and micro-batches.
 
-    medvl-engine sft --model.path smollm2 --data.source bundled --logging.run-dir runs/sft
+    medvl-engine sft --model smollm2 --data.source bundled --output runs/sft
     torchrun --nproc_per_node 8 -m medvl_engine.cli sft --config sft.yaml --deepspeed.zero-stage 3
 """
 
@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 from medvl_engine import config as config_lib
+from medvl_engine import run_folder
+from medvl_engine.errors import ConfigError, DataError
 from medvl_engine.profiling import StepProfiler, stage
 from medvl_engine.progress import Progress
 from medvl_engine.rollout.stream import epoch_order
-from medvl_engine.trainers.config import SFTConfig
+from medvl_engine.trainers.config import SFTConfig, with_switches
 
 
 @dataclass
@@ -71,15 +73,15 @@ def encode_example(tokenizer, sample, *, max_tokens: int, processor=None, target
     vision: dict = {}
     if sample.images:
         if processor is None:
-            raise ValueError(f"SFT example {sample.dataset_name}[{sample.dataset_index}] has {len(sample.images)} "
-                             "image(s) but the policy is a text-only model (set --data.text-only or "
-                             "--data.ignore-images)")
+            raise ConfigError(f"SFT example {sample.dataset_name}[{sample.dataset_index}] has {len(sample.images)} "
+                              "image(s) but the policy is a text-only model (set --data.text-only or "
+                              "--data.ignore-images)")
         prompt_ids, vision = expand_image_tokens(prompt_ids, sample.images, processor)
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     ids = list(prompt_ids) + list(target_ids)
     if len(ids) > max_tokens:
-        raise ValueError(f"SFT example {sample.dataset_name}[{sample.dataset_index}]: {len(ids)} tokens "
-                         f"> max_tokens {max_tokens} (raise --max-tokens; examples are never truncated)")
+        raise ConfigError(f"SFT example {sample.dataset_name}[{sample.dataset_index}]: {len(ids)} tokens "
+                          f"> max_tokens {max_tokens} (raise --max-tokens; examples are never truncated)")
     return SFTExample(ids, len(prompt_ids), sample.dataset_index, vision)
 
 
@@ -90,12 +92,12 @@ def load_examples(cfg: SFTConfig, tokenizer, processor=None) -> list[SFTExample]
     if cfg.target == "reasoning":
         samples = [s for s in samples if s.reasoning]
         if not samples:
-            raise ValueError(f"data.source {cfg.data.source!r}: no sample has a reasoning trace to train on "
-                             "(free-form VQA rows, e.g. from `medvl-engine build-data reformat`: --target answer)")
+            raise DataError(f"data.source {cfg.data.source!r}: no sample has a reasoning trace to train on "
+                            "(free-form VQA rows, e.g. from `medvl-engine build-data reformat`: --target answer)")
     else:
         samples = [s for s in samples if s.answer.strip()]
         if not samples:
-            raise ValueError(f"data.source {cfg.data.source!r}: no sample has an answer to train on")
+            raise DataError(f"data.source {cfg.data.source!r}: no sample has an answer to train on")
     return [encode_example(tokenizer, s, max_tokens=cfg.max_tokens, processor=processor, target=cfg.target)
             for s in samples]
 
@@ -107,7 +109,7 @@ class SFTTrainer:
         self.examples = examples
         self.steps_per_epoch = len(examples) // cfg.global_batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(examples)} examples are fewer than one global batch ({cfg.global_batch_size})")
+            raise ConfigError(f"{len(examples)} examples are fewer than one global batch ({cfg.global_batch_size})")
         self.total_steps = total_steps(cfg, len(examples))
         self.step_index = 0
         processor = learner.processor
@@ -168,30 +170,35 @@ def total_steps(cfg: SFTConfig, num_examples: int) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
-        allow_changes: bool = False) -> list[dict]:
-    """Train; returns the per-step metrics (also written to run_dir/metrics.jsonl on rank 0)."""
+def run(cfg: SFTConfig, *, resume: bool | None = None, overwrite: bool | None = None,
+        allow_changes: bool | None = None) -> list[dict]:
+    """Train; returns the per-step metrics (also written to output/metrics.jsonl on rank 0).
+
+    `resume`, `overwrite`, `allow_changes` override the config's switches of the same names when given.
+    """
     from medvl_engine.trainers import checkpoint
     from medvl_engine.trainers.distributed import seed_everything
     from medvl_engine.trainers.learner import Learner
     from medvl_engine.trainers.metrics import MetricsLog
     from medvl_engine.trainers.model import load_processor, load_tokenizer
 
-    checkpoint.prepare_run_dir(cfg.logging.run_dir, resume=resume, overwrite=overwrite,
-                               config=config_lib.to_dict(cfg), allow_changes=allow_changes)
+    cfg = with_switches(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
+    resume = cfg.resume
+    checkpoint.prepare_run_dir(cfg.output, resume=resume, overwrite=cfg.overwrite,
+                               config=config_lib.to_dict(cfg), allow_changes=cfg.allow_changes)
     seed_everything(cfg.seed)
     examples = load_examples(cfg, load_tokenizer(cfg.model.path), load_processor(cfg.model.path))
     steps = total_steps(cfg, len(examples))
     learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=cfg.global_batch_size,
                             total_steps=steps, fused_logprobs=cfg.model.fused_logprobs)
     trainer = SFTTrainer(cfg, learner, examples)
-    run_dir = Path(cfg.logging.run_dir)
+    run_dir = Path(cfg.output)
     start = 0
     if resume:
         state = checkpoint.load_checkpoint(learner, run_dir)
         start = state["step"] if state else 0
     if learner.rank == 0:
-        config_lib.save(cfg, run_dir / "config.yaml")
+        config_lib.save(cfg, run_dir / run_folder.CONFIG)
     history = []
     profiler = StepProfiler.from_config(cfg.profile, run_dir, learner.rank)
     bar = Progress(steps, "sft", unit="step", initial=start, enabled=learner.rank == 0, heartbeat=True)
@@ -215,25 +222,19 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
             checkpoint.save_checkpoint(learner, run_dir, steps, {"config": config_lib.to_dict(cfg)},
                                        keep=cfg.checkpoint.keep)
     if cfg.checkpoint.export:
-        checkpoint.export_hf(learner, run_dir / "export")
+        checkpoint.export_hf(learner, run_dir / run_folder.EXPORT)
     return history
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    config_lib.add_arguments(parser, SFTConfig)
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier run in the run folder (only a folder medvl-engine wrote)")
-    parser.add_argument("--allow-changes", action="store_true",
-                        help="with --resume: continue even though settings differ from the run folder's config.yaml "
-                        "(the changes are printed; steps, logging and checkpoint cadence may always change)")
+    config_lib.add_arguments(parser, SFTConfig)  # --output, --overwrite, --resume, --allow-changes among them
 
 
 def main(args: argparse.Namespace) -> int:
     from medvl_engine.trainers.distributed import shutdown
 
     cfg = config_lib.from_args(SFTConfig, args)
-    history = run(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+    history = run(cfg)
     shutdown()  # after an error the other ranks are stopped by the launcher; a barrier would hang them
     if history and not math.isfinite(history[-1]["loss"]):
         return 1

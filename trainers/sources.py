@@ -128,9 +128,15 @@ class LocalFeed:
 class TransportFeed:
     """Rollout workers' groups over ZeroMQ (`GroupReceiver`), and the worker processes this learner started."""
 
-    def __init__(self, receiver, workers: list | None = None):
+    def __init__(self, receiver, workers: list | None = None, *, producers: list[str] | None = None,
+                 weight_group: dict | None = None):
         self.receiver = receiver
         self.workers = list(workers or [])
+        # The workers' producer ids (a weight push over torch.distributed waits for each of them).
+        self.producers = list(producers) if producers is not None else [w.name for w in self.workers]
+        # transport.weight_sync distributed: where the workers' torch.distributed weight group meets
+        # (address, port, backend, group_name, engine_world_sizes), as their configuration files say.
+        self.weight_group = weight_group
 
     def start_workers(self) -> None:
         for worker in self.workers:
@@ -141,6 +147,19 @@ class TransportFeed:
 
     def announce(self, update: WeightVersion) -> None:
         self.receiver.announce(update)
+
+    def wait_for_workers(self, version: int | None = None, timeout: float = 1800.0) -> None:
+        """Until every worker has said Hello (`version` None: it has the latest announcement) or reported
+        weights `version` loaded; a worker that died meanwhile raises (`check`), as does `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.receiver.wait_for(self.producers, version, timeout=1.0)
+                return
+            except TimeoutError:
+                self.check()
+                if time.monotonic() > deadline:
+                    raise
 
     def seek(self, position: int) -> None:
         pass  # workers resume from the sequence numbers the receiver was started with
@@ -273,7 +292,9 @@ class OrderedSource:
     def announce(self, update: WeightVersion) -> None:
         """New weights (from the weight sync): passed on with the current window."""
         if self.rank == 0:
-            self._send(WeightVersion(version=update.version, path=update.path, window=self.window))
+            # The buckets of a torch.distributed push go along; window updates later carry none.
+            self._send(WeightVersion(version=update.version, path=update.path, window=self.window,
+                                     buckets=update.buckets))
 
     def _send(self, update: WeightVersion) -> None:
         self._announced = update

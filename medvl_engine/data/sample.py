@@ -10,9 +10,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-
-class DataError(ValueError):
-    """A row of a dataset does not fit the unified schema; the message names the dataset, row and field."""
+from medvl_engine.errors import DataError  # defined there; imported from here too
 
 
 @dataclass(frozen=True)

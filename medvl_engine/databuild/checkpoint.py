@@ -29,9 +29,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medvl_engine import run_folder
+from medvl_engine.errors import RunFolderError
 from medvl_engine.files import write_atomically
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = run_folder.MANIFEST  # the same name as an eval run's, another layout (a stage's)
 STATE_NAME = "state.json"
 
 
@@ -88,15 +90,15 @@ class StageRun:
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
             if manifest.get("stage") != self.stage:
-                raise ValueError(f"{self.folder} holds a {manifest.get('stage')!r} stage, not {self.stage!r}")
+                raise RunFolderError(f"{self.folder} holds a {manifest.get('stage')!r} stage, not {self.stage!r}")
             changed = _diff(manifest.get("identity", {}), self.identity)
             if changed:
-                raise ValueError(f"{self.folder} holds a run with other settings; resuming it would mix outputs "
-                                 f"({'; '.join(changed)}). Use another folder or --overwrite.")
+                raise RunFolderError(f"{self.folder} holds a run with other settings; resuming it would mix outputs "
+                                     f"({'; '.join(changed)}). Use another folder or --overwrite.")
             manifest["attempts"].append(attempt)
         elif any(self.folder.iterdir()):
-            raise FileExistsError(f"{self.folder} is not empty and has no {MANIFEST_NAME}; use another folder "
-                                  "or --overwrite")
+            raise RunFolderError(f"{self.folder} is not empty and has no {MANIFEST_NAME}; use another folder "
+                                 "or --overwrite")
         else:
             manifest = {"stage": self.stage, "identity": self.identity, "attempts": [attempt]}
         _write_json(manifest_path, manifest)
@@ -111,8 +113,8 @@ class StageRun:
             size = sizes.get(name, 0)
             if path.exists():
                 if path.stat().st_size < size:
-                    raise ValueError(f"{path} is shorter ({path.stat().st_size} bytes) than its checkpoint "
-                                     f"({size} bytes): the folder was changed by hand; use --overwrite")
+                    raise RunFolderError(f"{path} is shorter ({path.stat().st_size} bytes) than its checkpoint "
+                                         f"({size} bytes): the folder was changed by hand; use --overwrite")
                 with path.open("r+b") as f:
                     f.truncate(size)  # what a crash left after the checkpoint is decided again
             self.files[name] = path.open("ab")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medvl_engine.config import param
+from medvl_engine.errors import ConfigError
 from medvl_engine.rollout.config import RolloutConfig
 
 STAGES = ("filter-text", "filter-image", "dedup", "reformat")
@@ -33,7 +34,7 @@ class InputConfig:
 
     def __post_init__(self):
         if self.max_rows < 0:
-            raise ValueError(f"input.max_rows: must be >= 0, got {self.max_rows}")
+            raise ConfigError(f"input.max_rows: must be >= 0, got {self.max_rows}")
 
 
 @dataclass
@@ -46,7 +47,7 @@ class TextFilterConfig:
 
     def __post_init__(self):
         if self.min_terms < 0:
-            raise ValueError(f"text.min_terms: must be >= 0, got {self.min_terms}")
+            raise ConfigError(f"text.min_terms: must be >= 0, got {self.min_terms}")
 
 
 @dataclass
@@ -63,11 +64,11 @@ class ImageFilterConfig:
 
     def __post_init__(self):
         if self.min_width < 1 or self.min_height < 1:
-            raise ValueError("image.min_width and image.min_height: must be >= 1")
+            raise ConfigError("image.min_width and image.min_height: must be >= 1")
         if self.classifier and ":" not in self.classifier:
-            raise ValueError(f"image.classifier: {self.classifier!r} is not `module:function` or `file.py:function`")
+            raise ConfigError(f"image.classifier: {self.classifier!r} is not `module:function` or `file.py:function`")
         if self.classifier_batch < 1 or self.workers < 1:
-            raise ValueError("image.classifier_batch and image.workers: must be >= 1")
+            raise ConfigError("image.classifier_batch and image.workers: must be >= 1")
 
 
 @dataclass
@@ -85,10 +86,10 @@ class DedupConfig:
 
     def __post_init__(self):
         if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"dedup.threshold: a cosine similarity in [-1, 1], got {self.threshold}")
+            raise ConfigError(f"dedup.threshold: a cosine similarity in [-1, 1], got {self.threshold}")
         for name in ("batch_size", "max_seq_length", "block_rows"):
             if getattr(self, name) < 1:
-                raise ValueError(f"dedup.{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"dedup.{name}: must be >= 1, got {getattr(self, name)}")
 
 
 def reformat_rollout() -> RolloutConfig:
@@ -107,9 +108,9 @@ class ReformatConfig:
 
     def __post_init__(self):
         if self.max_attempts < 1:
-            raise ValueError(f"reformat.max_attempts: must be >= 1, got {self.max_attempts}")
+            raise ConfigError(f"reformat.max_attempts: must be >= 1, got {self.max_attempts}")
         if self.seed < 0:
-            raise ValueError(f"reformat.seed: must be >= 0, got {self.seed}")
+            raise ConfigError(f"reformat.seed: must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -130,18 +131,17 @@ class BuildDataConfig:
 
     def __post_init__(self):
         if not self.output:
-            raise ValueError("output: is required (the run folder)")
+            raise ConfigError("output: is required (the run folder)")
         if not self.input.source:
-            raise ValueError("input.source: is required (the image-caption rows)")
+            raise ConfigError("input.source: is required (the image-caption rows)")
         if self.checkpoint_rows < 1:
-            raise ValueError(f"checkpoint_rows: must be >= 1, got {self.checkpoint_rows}")
+            raise ConfigError(f"checkpoint_rows: must be >= 1, got {self.checkpoint_rows}")
         if self.stage in ("reformat", "all"):
             if not self.reformat.model:
-                raise ValueError("reformat.model: is required for the reformat stage (an image-text model folder)")
+                raise ConfigError("reformat.model: is required for the reformat stage (an image-text model folder)")
             if self.rollout.n != 1:
-                raise ValueError(f"rollout.n: reformat asks one reply per attempt, got {self.rollout.n}")
+                raise ConfigError(f"rollout.n: reformat asks one reply per attempt, got {self.rollout.n}")
             if self.rollout.dynamic_sampling:
-                raise ValueError("rollout.dynamic_sampling: reformat keeps every reply")
-            if self.rollout.greedy and self.reformat.max_attempts > 1:
-                raise ValueError("rollout.temperature 0 (greedy) gives the same reply on every attempt: sample "
-                                 "(temperature > 0) or set reformat.max_attempts 1")
+                raise ConfigError("rollout.dynamic_sampling: reformat keeps every reply")
+            if self.reformat.max_attempts > 1:
+                self.rollout.require_sampling("every attempt would get the same reply; or set reformat.max_attempts 1")

@@ -32,6 +32,7 @@ import numpy as np
 
 from medvl_engine.databuild.config import DedupConfig
 from medvl_engine.databuild.stage import KEPT, Decision, Stage
+from medvl_engine.errors import RunFolderError
 
 EMBEDDINGS = "embeddings.f32"
 
@@ -195,7 +196,7 @@ class DedupFilter(Stage):
         with (run.folder / KEPT).open("rb") as f:
             self.ids = [decode_record(line).id for line in f]
         if len(self.ids) != self.index.count:
-            raise ValueError(f"{run.folder}: {len(self.ids)} kept rows but {self.index.count} kept embeddings")
+            raise RunFolderError(f"{run.folder}: {len(self.ids)} kept rows but {self.index.count} kept embeddings")
 
     def _make_index(self, dim: int) -> None:
         self.index = Deduplicator(dim, self.cfg.threshold, device=self.device, block_rows=self.cfg.block_rows)

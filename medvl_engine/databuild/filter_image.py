@@ -27,6 +27,7 @@ from PIL import Image
 
 from medvl_engine.databuild.config import ImageFilterConfig
 from medvl_engine.databuild.stage import Decision, Stage
+from medvl_engine.errors import ConfigError
 
 
 @dataclass
@@ -80,7 +81,7 @@ def load_callable(spec: str):
         module = importlib.import_module(target)
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ValueError(f"image.classifier: {spec!r} names no callable")
+        raise ConfigError(f"image.classifier: {spec!r} names no callable")
     return fn
 
 
@@ -123,7 +124,7 @@ class ImageFilter(Stage):
             return
         verdicts = list(self.classifier([check.image for _, _, check in todo]))
         if len(verdicts) != len(todo):
-            raise ValueError(f"image.classifier returned {len(verdicts)} verdicts for {len(todo)} images")
+            raise ConfigError(f"image.classifier returned {len(verdicts)} verdicts for {len(todo)} images")
         for (i, path, check), verdict in zip(todo, verdicts):
             check.image = None
             keep = bool(verdict) if isinstance(verdict, bool) else float(verdict) >= self.cfg.classifier_threshold

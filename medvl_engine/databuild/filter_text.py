@@ -22,6 +22,7 @@ from pathlib import Path
 
 from medvl_engine.databuild.config import TextFilterConfig
 from medvl_engine.databuild.stage import Decision, Stage
+from medvl_engine.errors import ConfigError
 
 DEFAULT_LEXICON = Path(__file__).with_name("lexicon.txt")
 _NON_WORD = re.compile(r"[\W_]+")
@@ -45,7 +46,7 @@ def read_lexicon(path: str | Path | None = None) -> list[str]:
         if term and not term.startswith("#"):
             terms.append(term)
     if not terms:
-        raise ValueError(f"text.lexicon {path}: no terms")
+        raise ConfigError(f"text.lexicon {path}: no terms")
     return terms
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import msgspec
 
 from medvl_engine.databuild.config import InputConfig
+from medvl_engine.errors import DataError
 
 # Field spellings of the common sources, tried in order when the config names none:
 # PMC-OA (`image`, `caption`), LLaVA-Med's PMC pairs (`pair_id`, `fig_caption`, `in_text_mention`),
@@ -129,11 +130,11 @@ def _raw_rows(cfg: InputConfig, start: int) -> Iterator[tuple[int, object]]:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if cfg.split not in loaded:
-                raise ValueError(f"input.source {path}: no split {cfg.split!r} (has {sorted(loaded)})")
+                raise DataError(f"input.source {path}: no split {cfg.split!r} (has {sorted(loaded)})")
             loaded = loaded[cfg.split]
     elif path.suffix or str(cfg.source).startswith((".", "/", "~")):
-        raise ValueError(f"input.source {cfg.source}: not a .jsonl or .parquet file, a save_to_disk folder, "
-                         "or a hub name")
+        raise DataError(f"input.source {cfg.source}: not a .jsonl or .parquet file, a save_to_disk folder, "
+                        "or a hub name")
     else:
         loaded = datasets.load_dataset(str(cfg.source), split=cfg.split)
     # The arrow view hands images over as {"bytes", "path"} dicts: a broken image stays bytes to report.
@@ -200,7 +201,7 @@ def _context_text(raw) -> str:
     if isinstance(raw, Mapping):
         raw = [raw]
     if not isinstance(raw, (list, tuple)):
-        raise ValueError(f"context: expected text or a list of mentions, got {type(raw).__name__}")
+        raise DataError(f"context: expected text or a list of mentions, got {type(raw).__name__}")
     lines = []
     for item in raw:
         if isinstance(item, Mapping):
@@ -208,7 +209,7 @@ def _context_text(raw) -> str:
             if isinstance(item, list):
                 item = " ".join(map(str, item))
         if not isinstance(item, str):
-            raise ValueError(f"context: a mention is {type(item).__name__}, expected text")
+            raise DataError(f"context: a mention is {type(item).__name__}, expected text")
         if item.strip():
             lines.append(item.strip())
     return "\n".join(lines)
@@ -232,13 +233,13 @@ def _image_paths(raw, record_id: str, base: Path, images_dir: Path | None) -> li
         elif isinstance(value, str):
             path = value
         else:
-            raise ValueError(f"images[{k}]: expected a path or image bytes, got {type(value).__name__}")
+            raise DataError(f"images[{k}]: expected a path or image bytes, got {type(value).__name__}")
         if data:
             out.append(_write_image_bytes(data, record_id, k, path, images_dir))
         elif path:
             out.append(str(Path(path) if Path(path).is_absolute() else (base / path).absolute()))
         else:
-            raise ValueError(f"images[{k}]: neither a path nor bytes")
+            raise DataError(f"images[{k}]: neither a path nor bytes")
     return out
 
 

@@ -47,6 +47,7 @@ from medvl_engine.databuild.checkpoint import StageRun, reasons_table
 from medvl_engine.databuild.records import BadRow, CaptionRecord, count_rows, encode_line, read_records
 from medvl_engine.databuild.reformat_prompts import SCENARIOS, alignment_questions, reformat_prompt
 from medvl_engine.databuild.stage import drop, input_identity
+from medvl_engine.errors import ConfigError
 from medvl_engine.progress import Progress
 from medvl_engine.rollout.pool import run_to_end
 
@@ -223,8 +224,8 @@ class Reformatter:
 
         backend, renderer, _ = open_rollout(self.cfg.rollout, self.cfg.reformat.model)
         if not hasattr(renderer, "image_processor"):
-            raise ValueError(f"reformat.model {self.cfg.reformat.model}: not an image-text model (its processor has "
-                             "no image processor); reformat shows the model the images")
+            raise ConfigError(f"reformat.model {self.cfg.reformat.model}: not an image-text model (its processor has "
+                              "no image processor); reformat shows the model the images")
         return [backend], renderer
 
     # -- one wave -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 
+from medvl_engine.errors import ConfigError
 from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams
 
 BACKENDS = ("hf", "sglang", "vllm")
@@ -110,4 +111,4 @@ def make_backend(name: str, model_path: str, **kwargs) -> Backend:
         from medvl_engine.rollout.vllm_backend import VLLMBackend
 
         return VLLMBackend.from_pretrained(model_path, **kwargs)
-    raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    raise ConfigError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from medvl_engine.config import param
+from medvl_engine.errors import ConfigError
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -38,14 +39,14 @@ class DataConfig:
 
     def __post_init__(self):
         if not self.source:
-            raise ValueError("data.source: may not be empty")
+            raise ConfigError("data.source: may not be empty")
         if self.max_samples < 0:
-            raise ValueError(f"data.max_samples: must be >= 0, got {self.max_samples}")
+            raise ConfigError(f"data.max_samples: must be >= 0, got {self.max_samples}")
         if self.text_only and self.ignore_images:
-            raise ValueError("data.text_only drops the questions with images and data.ignore_images keeps them "
-                             "without their images: set one of them")
+            raise ConfigError("data.text_only drops the questions with images and data.ignore_images keeps them "
+                              "without their images: set one of them")
         if self.seed < 0:
-            raise ValueError(f"data.seed: must be >= 0, got {self.seed}")
+            raise ConfigError(f"data.seed: must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -60,6 +61,8 @@ class RolloutConfig:
     max_prompt_tokens: int = param(2048, "a longer prompt is an error, never truncated (MedVLThinker)")
     max_response_tokens: int = param(4096, "answer length cap (new tokens)")
     seed: int = param(0, "sampling seed: stream position k samples with a seed derived from (seed, k)")
+    engine_seed: int = param(0, "the engine's own seed (vLLM's `seed`), for what a request's seed does not cover; "
+                                "each request samples with its stream position's seed")
     max_in_flight: int = param(16, "groups in flight per backend")
     max_staleness: int = param(1, "answers come from weights at most k versions behind the learner")
     dynamic_sampling: bool = param(False, "drop groups whose rewards are all equal and draw more (DAPO)")
@@ -74,36 +77,40 @@ class RolloutConfig:
 
     def __post_init__(self):
         if self.n < 1:
-            raise ValueError(f"rollout.n: must be >= 1, got {self.n}")
+            raise ConfigError(f"rollout.n: must be >= 1, got {self.n}")
         if not self.temperature >= 0:
-            raise ValueError(f"rollout.temperature: must be >= 0, got {self.temperature}")
+            raise ConfigError(f"rollout.temperature: must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < 1 and self.top_k != -1:
-            raise ValueError(f"rollout.top_k: must be -1 (off) or >= 1, got {self.top_k}")
+            raise ConfigError(f"rollout.top_k: must be -1 (off) or >= 1, got {self.top_k}")
         for name in ("max_prompt_tokens", "max_response_tokens", "max_in_flight", "max_batch", "tp_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"rollout.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("seed", "max_staleness", "retries", "threads"):
+                raise ConfigError(f"rollout.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "engine_seed", "max_staleness", "retries", "threads"):
             if getattr(self, name) < 0:
-                raise ValueError(f"rollout.{name}: must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"rollout.{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("temperature", "timeout_s"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"rollout.{name}: must be a finite number, got {getattr(self, name)}")
+                raise ConfigError(f"rollout.{name}: must be a finite number, got {getattr(self, name)}")
         if not self.timeout_s >= 0:
-            raise ValueError(f"rollout.timeout_s: must be >= 0, got {self.timeout_s}")
+            raise ConfigError(f"rollout.timeout_s: must be >= 0, got {self.timeout_s}")
         if not 0 <= self.mem_fraction_static < 1:
-            raise ValueError(f"rollout.mem_fraction_static: must be in [0, 1), got {self.mem_fraction_static}")
+            raise ConfigError(f"rollout.mem_fraction_static: must be in [0, 1), got {self.mem_fraction_static}")
         if self.dynamic_sampling and self.n < 2:
-            raise ValueError(f"rollout.dynamic_sampling drops groups whose rewards are all equal: it needs "
-                             f"rollout.n >= 2 (got {self.n}: every group would be dropped)")
-        if self.temperature == 0 and self.n > 1:
-            raise ValueError(f"rollout.temperature 0 (greedy) with rollout.n={self.n} answers the same text "
-                             "n times: sample (temperature > 0) or set rollout.n 1")
+            raise ConfigError(f"rollout.dynamic_sampling drops groups whose rewards are all equal: it needs "
+                              f"rollout.n >= 2 (got {self.n}: every group would be dropped)")
+        if self.n > 1:
+            self.require_sampling(f"rollout.n={self.n} answers would be the same text n times; or set rollout.n 1")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def require_sampling(self, why: str) -> None:
+        """The one refusal of greedy decoding where a command needs different answers; `why` says what for."""
+        if self.greedy:
+            raise ConfigError(f"rollout.temperature 0 (greedy): {why}; sample (temperature > 0)")
 
     def sampling_params(self, *, logprobs: bool):
         """The SamplingParams every request shares; each request brings its own seed (the prompt stream's)."""
@@ -135,7 +142,7 @@ def make_rollout_backend(cfg: RolloutConfig, model_path: str, *, max_images: int
 
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     if cfg.backend == "vllm":
-        return make_backend("vllm", model_path, dtype=names.get(cfg.dtype, "auto"), seed=cfg.seed,
+        return make_backend("vllm", model_path, dtype=names.get(cfg.dtype, "auto"), seed=cfg.engine_seed,
                             max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens, max_images=max_images,
                             **({"gpu_memory_utilization": cfg.mem_fraction_static} if cfg.mem_fraction_static else {}))
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from medvl_engine.errors import ConfigError
 from medvl_engine.rollout.backend import Backend
 from medvl_engine.rollout.hf_sampler import RequestSampler
 from medvl_engine.rollout.types import Completion, PromptRequest, SamplingParams
@@ -67,7 +68,7 @@ class HFBackend(Backend):
         self._version = int(weight_version)
         self._eos_ids = _eos_ids(model, self.tokenizer)
         if not self._eos_ids:
-            raise ValueError("HFBackend: neither the model's generation_config nor the tokenizer names an EOS token")
+            raise ConfigError("HFBackend: neither the model's generation_config nor the tokenizer names an EOS token")
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else min(self._eos_ids)
         # Only the token ids survive from the checkpoint's generation defaults (see module docstring).
@@ -83,6 +84,8 @@ class HFBackend(Backend):
         # One thread: generate calls and weight copies are serialised, never concurrent.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-backend")
         self._closed = False
+        # torch.distributed groups joined for weight updates (`init_weights_update_group`): name -> (group, backend)
+        self._groups: dict[str, tuple[object, str]] = {}
 
     @classmethod
     def from_pretrained(cls, path: str, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -276,6 +279,46 @@ class HFBackend(Backend):
             self._copy_weights(list(fresh.state_dict().items()), int(version))
 
         await self._in_model_thread(load_and_copy)
+
+    async def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                        world_size: int, group_name: str = "weight_update_group",
+                                        backend: str = "nccl") -> None:
+        """Join the learner's group as rank `rank_offset` (one rank: this backend is one model); blocks until
+        every rank joined. gloo on the CPU, nccl with the model on a GPU."""
+        from medvl_engine.rollout.weight_group import init_custom_group
+
+        if backend == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"HFBackend on {self.device}: a nccl group needs the model on a GPU; use gloo")
+        if group_name in self._groups:
+            raise RuntimeError(f"HFBackend: already in the weight update group {group_name!r}")
+        group = await self._in_model_thread(init_custom_group, backend, f"tcp://{master_address}:{master_port}",
+                                            world_size, rank_offset, group_name)
+        self._groups[group_name] = (group, backend)
+
+    async def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                              shapes: Sequence[Sequence[int]], version: int,
+                                              group_name: str = "weight_update_group") -> None:
+        """Receive one bucket: rank 0 broadcasts the tensors `names` (with these dtypes and shapes) in order;
+        they are copied into the model in place on the model thread (between two generate batches), then
+        the backend runs policy `version`. A name or shape the model does not have leaves the model as it
+        was, after the whole bucket was received (the group stays in step)."""
+        if not len(names) == len(dtypes) == len(shapes):
+            raise ValueError(f"update_weights_from_distributed: {len(names)} names, {len(dtypes)} dtypes and "
+                             f"{len(shapes)} shapes (must be equal)")
+        if group_name not in self._groups:
+            raise RuntimeError(f"HFBackend: update_weights_from_distributed over {group_name!r} before "
+                               "init_weights_update_group joined it")
+        await self._in_model_thread(self._receive_weights, group_name, list(names), list(dtypes),
+                                    [tuple(s) for s in shapes], int(version))
+
+    def _receive_weights(self, group_name: str, names: list[str], dtypes: list[str], shapes: list[tuple],
+                         version: int) -> None:
+        from medvl_engine.rollout.weight_group import receive_bucket
+
+        group, backend = self._groups[group_name]
+        device = self.device if backend == "nccl" else torch.device("cpu")
+        tensors = receive_bucket(group, dtypes, shapes, device)
+        self._copy_weights(list(zip(names, tensors)), version)
 
     def _copy_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
         target = self.model.state_dict(keep_vars=True)

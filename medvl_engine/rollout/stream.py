@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from medvl_engine.errors import ConfigError, DataError
 from medvl_engine.rollout.config import DataConfig
 from medvl_engine.rollout.types import PromptRequest, derive_seed
 
@@ -40,7 +41,7 @@ def load_data(cfg: DataConfig) -> list:
         present = {s.dataset_name for s in samples}
         unknown = sorted(set(cfg.subset) - present)
         if unknown:
-            raise ValueError(f"data.subset: {unknown} not in {cfg.source} (its datasets: {sorted(present)})")
+            raise ConfigError(f"data.subset: {unknown} not in {cfg.source} (its datasets: {sorted(present)})")
         samples = [s for s in samples if s.dataset_name in cfg.subset]
     if cfg.text_only:
         kept = [s for s in samples if not s.images]
@@ -52,9 +53,9 @@ def load_data(cfg: DataConfig) -> list:
     if cfg.max_samples:
         samples = samples[: cfg.max_samples]
     if not samples:
-        raise ValueError(f"data.source {cfg.source!r} (split {cfg.split!r}) has no questions left"
-                         + (" without images (data.text_only)" if cfg.text_only else "")
-                         + (f" in data.subset {cfg.subset}" if cfg.subset else ""))
+        raise DataError(f"data.source {cfg.source!r} (split {cfg.split!r}) has no questions left"
+                        + (" without images (data.text_only)" if cfg.text_only else "")
+                        + (f" in data.subset {cfg.subset}" if cfg.subset else ""))
     return samples
 
 
@@ -88,8 +89,8 @@ def build_request(renderer, sample, prompt_id: str, *, seed: int | None = None, 
     tokenizer = getattr(renderer, "tokenizer", renderer)
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_prompt_tokens is not None and len(input_ids) > max_prompt_tokens:
-        raise ValueError(f"{sample.dataset_name}[{sample.dataset_index}]: the prompt has {len(input_ids)} tokens "
-                         f"> rollout.max_prompt_tokens {max_prompt_tokens} (prompts are never truncated)")
+        raise ConfigError(f"{sample.dataset_name}[{sample.dataset_index}]: the prompt has {len(input_ids)} tokens "
+                          f"> rollout.max_prompt_tokens {max_prompt_tokens} (prompts are never truncated)")
     return PromptRequest(prompt_id, input_ids=input_ids, text=text, images=list(sample.images), sample=sample,
                          seed=seed, position=position)
 

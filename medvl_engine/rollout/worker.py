@@ -17,8 +17,11 @@ number (`handshake`) and continues from there: nothing is lost or sent twice. Th
 constant-reward groups: the learner sees every position, in order, and filters them itself.
 
 The learner's `WeightVersion` announcements drive the worker: a version with a path loads those weights
-from disk; the version is the pool's consumer version (the staleness bound); `window` is the first
-stream position the learner does not consume yet, and the pool starts no position beyond it.
+from disk; a version with buckets is received over the torch.distributed weight group the worker joined at
+start (`sync_address`, written by a learner with `transport.weight_sync distributed`), bucket by bucket
+(`Backend.update_weights_from_distributed`), and answered with `WeightsLoaded`; the version is the
+pool's consumer version (the staleness bound); `window` is the first stream position the learner does
+not consume yet, and the pool starts no position beyond it.
 
 Seeds: position k samples with `derive_seed(rollout.seed, k)`, whoever generates it.
 """
@@ -31,6 +34,7 @@ import logging
 from dataclasses import dataclass, field
 
 from medvl_engine.config import param
+from medvl_engine.errors import ConfigError
 from medvl_engine.rollout.backend import Backend
 from medvl_engine.rollout.config import DataConfig, RolloutConfig
 from medvl_engine.rollout.groups import FailedPrompt, failed_message, to_message
@@ -59,23 +63,47 @@ class WorkerConfig:
     max_prompts: int = param(0, "stop before this stream position (0: cycle over the data until stopped)")
     handshake_timeout_s: float = param(600.0, "how long to wait for the learner to answer")
     keys: str = param("", "folder of the run's CURVE keys for tcp (empty: $MEDVL_TRANSPORT_KEYS)")
+    sync_address: str = param("", "weights over torch.distributed (the learner's transport.weight_sync distributed): "
+                              "the address of the learner's rank 0, where the weight group meets (empty: no group, "
+                              "announced weights are loaded from disk)")
+    sync_port: int = param(0, "the weight group's rendezvous port on the learner's rank 0")
+    sync_rank: int = param(0, "this worker's first rank in the weight group (the learner is rank 0)")
+    sync_world_size: int = param(0, "ranks in the weight group: the learner's rank 0 and every worker's engine ranks")
+    sync_backend: str = param("gloo", "torch.distributed backend of the weight group: gloo (CPU) or nccl (GPU)")
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     def __post_init__(self):
         if not self.model:
-            raise ValueError("model: is required (a model folder, or `smollm2`)")
+            raise ConfigError("model: is required (a model folder, or `smollm2`)")
         if not self.connect:
-            raise ValueError("connect: is required (the learner's endpoint)")
+            raise ConfigError("connect: is required (the learner's endpoint)")
         if not self.producer_id:
-            raise ValueError("producer_id: may not be empty")
+            raise ConfigError("producer_id: may not be empty")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"shard_index: must be in [0, num_shards={self.num_shards}), got {self.shard_index}")
+            raise ConfigError(f"shard_index: must be in [0, num_shards={self.num_shards}), got {self.shard_index}")
         if self.max_prompts < 0 or not self.handshake_timeout_s > 0:
-            raise ValueError("max_prompts must be >= 0 and handshake_timeout_s > 0")
-        if self.rollout.temperature == 0:
-            raise ValueError("rollout.temperature: a rollout worker samples GRPO groups; 0 (greedy) gives n equal "
-                             "answers and no advantage")
+            raise ConfigError("max_prompts must be >= 0 and handshake_timeout_s > 0")
+        self.rollout.require_sampling("a rollout worker samples GRPO groups, whose n answers would be equal")
+        if self.sync_address:
+            if not 0 < self.sync_port <= 65535:
+                raise ConfigError(f"sync_port: the weight group needs a port in [1, 65535], got {self.sync_port}")
+            if not 0 < self.sync_rank < self.sync_world_size:
+                raise ConfigError(f"sync_rank: must be in [1, sync_world_size={self.sync_world_size}) (rank 0 is "
+                                  f"the learner), got {self.sync_rank}")
+            if self.sync_backend not in ("gloo", "nccl"):
+                raise ConfigError(f"sync_backend: gloo or nccl, got {self.sync_backend!r}")
+
+    @property
+    def weight_group(self) -> dict | None:
+        """The arguments of `Backend.init_weights_update_group` (None: no weight group)."""
+        if not self.sync_address:
+            return None
+        from medvl_engine.rollout.weight_group import group_name
+
+        return {"master_address": self.sync_address, "master_port": self.sync_port, "rank_offset": self.sync_rank,
+                "world_size": self.sync_world_size, "group_name": group_name(self.sync_port),
+                "backend": self.sync_backend}
 
 
 def add_arguments(parser) -> None:
@@ -102,7 +130,8 @@ def run(cfg: WorkerConfig) -> int:
                                       num_shards=cfg.num_shards, stop=cfg.max_prompts or None,
                                       max_prompt_tokens=cfg.rollout.max_prompt_tokens)
     sender = GroupSender(cfg.connect, cfg.producer_id, keys=cfg.keys or None)
-    worker = RolloutWorker(backend, sender, stream, cfg.rollout, handshake_timeout_s=cfg.handshake_timeout_s)
+    worker = RolloutWorker(backend, sender, stream, cfg.rollout, handshake_timeout_s=cfg.handshake_timeout_s,
+                           weight_group=cfg.weight_group)
     try:
         sent = asyncio.run(worker.run())
     finally:
@@ -115,7 +144,7 @@ class RolloutWorker:
     """PromptStream -> RolloutPool -> reorder buffer -> GroupSender, with the learner's announcements applied."""
 
     def __init__(self, backend: Backend, sender, stream: PromptStream, rollout: RolloutConfig, *,
-                 handshake_timeout_s: float | None = None):
+                 handshake_timeout_s: float | None = None, weight_group: dict | None = None):
         self.backend = backend
         self.sender = sender
         self.stream = stream
@@ -123,12 +152,21 @@ class RolloutWorker:
         self.handshake_timeout_s = handshake_timeout_s
         self.stats = None
         self._window: int | None = None
+        self.weight_group = weight_group  # init_weights_update_group's arguments, or None (weights from disk)
+        self._load_lock = asyncio.Lock()  # one weight update at a time, in announcement order
 
     def seq_of(self, position: int) -> int:
         return (position - self.stream.shard) // self.stream.num_shards
 
     async def run(self) -> int:
         """Generate and send until the stream stops (forever without a stop); returns messages sent."""
+        if self.weight_group is not None:
+            # Before the handshake: the learner forms the group right after starting its workers, and
+            # answers Hellos only once every worker joined.
+            group = self.weight_group
+            logger.info("joining the weight group at %s:%d as rank %d of %d (%s)", group["master_address"],
+                        group["master_port"], group["rank_offset"], group["world_size"], group["backend"])
+            await self.backend.init_weights_update_group(**group)
         start_seq = self.sender.handshake(self.handshake_timeout_s)
         update = self.sender.poll_weight_version(timeout=_FIRST_ANNOUNCEMENT_S)
         start = start_seq * self.stream.num_shards + self.stream.shard
@@ -189,11 +227,37 @@ class RolloutWorker:
             pool.set_window(update.window)
         if update.version <= self.backend.weight_version:
             return
+        async with self._load_lock:
+            # Another caller may have loaded this version (or a newer one) while this one waited.
+            if update.version > self.backend.weight_version:
+                await self._load(update)
+
+    async def _load(self, update) -> None:
+        if update.buckets:
+            await self._receive(update)
+            return
         if not update.path:
-            logger.info("weights v%d announced without a path (a torch.distributed update drives them)",
-                        update.version)
+            logger.info("weights v%d announced without a path or buckets (nothing to load)", update.version)
             return
         logger.info("loading weights v%d from %s", update.version, update.path)
         await self.backend.update_weights_from_disk(update.path, update.version)
+
+    async def _receive(self, update) -> None:
+        """The learner's rank 0 broadcasts `update.buckets` over the weight group: the backend receives them
+        bucket by bucket, paused (no batch runs on half-updated weights), then the learner is told."""
+        if self.weight_group is None:
+            raise RuntimeError(f"weights v{update.version} are broadcast over torch.distributed, but this worker "
+                               "joined no weight group (its config has no sync_address)")
+        logger.info("receiving weights v%d over torch.distributed (%d buckets)", update.version,
+                    len(update.buckets))
+        await self.backend.pause()
+        try:
+            for bucket in update.buckets:
+                await self.backend.update_weights_from_distributed(bucket.names, bucket.dtypes, bucket.shapes,
+                                                                   update.version, self.weight_group["group_name"])
+        finally:
+            await self.backend.resume()
+        self.sender.report_loaded(update.version)
+        logger.info("weights v%d received", update.version)
 
 

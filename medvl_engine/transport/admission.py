@@ -1,5 +1,6 @@
 """Who gets into the receiver at the door: the ZAP callback that lets a CURVE handshake finish only for
-the holders of the run's client key, and the throttle that logs refusals the 1st, 10th, 100th ... time.
+the holders of the run's client key, the throttle that logs refusals the 1st, 10th, 100th ... time, and
+what the receiver keeps of each producer it let in (`ProducerStats`, `ReceiverStats`).
 
 What the receiver admits frame by frame (a Hello first, one producer per connection, within its credit)
 is `GroupReceiver`'s, in `receiver.py`; `protocol.py` documents it."""
@@ -7,8 +8,37 @@ is `GroupReceiver`'s, in `receiver.py`; `protocol.py` documents it."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProducerStats:
+    """One producer as the receiver sees it."""
+
+    producer: str
+    next_seq: int  # first sequence number not received yet
+    consumed: int  # every sequence number below this was handed to the application
+    buffered: int = 0  # received, not yet handed out
+    max_buffered: int = 0
+    sessions: int = 0  # Hellos: 1 + restarts
+    duplicates: int = 0
+    lost: int = 0
+    pending_acks: int = 0
+    granted: int = 0  # the limit the last Credit gave: the producer may send sequence numbers below it
+    weight_version: int = 0  # the policy version its engine runs, as its Hello or its last WeightsLoaded said
+    route: bytes = field(default=b"", repr=False)
+
+
+@dataclass
+class ReceiverStats:
+    received: int = 0  # accepted messages
+    delivered: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    producers: dict[str, ProducerStats] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # frames refused, per reason (see protocol.py's docstring)
 
 
 class _ClientKeyCheck:

@@ -32,6 +32,7 @@ import zmq
 import zmq.auth
 
 from medvl_engine.config import param
+from medvl_engine.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def curve_folder(endpoint: str, keys: str | os.PathLike | None, curve: bool | No
         return None
     if folder is None:
         reason = "CURVE was asked for" if curve else "other hosts can reach it, so it needs CURVE keys"
-        raise ValueError(f"{who}: {endpoint}: {reason}, and none were given ({KEYS_HINT})")
+        raise ConfigError(f"{who}: {endpoint}: {reason}, and none were given ({KEYS_HINT})")
     return folder
 
 
@@ -143,10 +144,10 @@ def _load(path: Path, who: str, *, secret: bool) -> tuple[bytes, bytes | None]:
     try:
         public, secret_key = zmq.auth.load_certificate(path)
     except (ValueError, OSError) as exc:
-        raise ValueError(f"{who}: {path} is not a ZeroMQ key file ({exc}); {KEYS_HINT}") from exc
+        raise ConfigError(f"{who}: {path} is not a ZeroMQ key file ({exc}); {KEYS_HINT}") from exc
     if secret:
         if secret_key is None:
-            raise ValueError(f"{who}: {path} holds no secret key ({KEYS_HINT})")
+            raise ConfigError(f"{who}: {path} holds no secret key ({KEYS_HINT})")
         if stat.S_IMODE(path.stat().st_mode) & 0o077:
             logger.warning("%s: secret key file %s is readable by other users (chmod 600 it)", who, path)
     return public, secret_key

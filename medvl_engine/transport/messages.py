@@ -7,7 +7,8 @@ header, and decoding it is a memcpy plus `np.frombuffer`, not 32k Python ints.
 Flow: a producer (rollout worker) sends `Hello`; the consumer answers with `Credit` (how many more
 groups it may send, and the sequence number it expects next, so a restarted producer resumes where
 the consumer is); the producer sends `RolloutGroup`s and `RolloutError`s numbered by `seq`;
-`WeightVersion` announces new policy weights from the learner to the workers; a closing producer sends
+`WeightVersion` announces new policy weights from the learner to the workers (a worker that received them
+over torch.distributed answers `WeightsLoaded`); a closing producer sends
 `Goodbye` and waits for the Credit that answers it, whose `next_seq` says everything arrived.
 """
 
@@ -54,14 +55,33 @@ class Goodbye(msgspec.Struct, tag="goodbye"):
     producer: str
 
 
+class WeightBucket(msgspec.Struct):
+    """One bucket of a torch.distributed weight push: the tensors the learner's rank 0 broadcasts next, in
+    this order (the arguments of `Backend.update_weights_from_distributed`)."""
+
+    names: list[str]
+    dtypes: list[str]  # torch dtype names: "bfloat16", "float32"
+    shapes: list[list[int]]
+
+
 class WeightVersion(msgspec.Struct, tag="weights"):
-    """Learner -> workers: policy `version` is ready (at `path` when it travels through disk), and the
+    """Learner -> workers: policy `version` is ready (at `path` when it travels through disk; broadcast
+    over the torch.distributed weight group, bucket by bucket, when `buckets` is not empty), and the
     learner consumes stream positions below `window` (-1: no window): workers start no position at or
     beyond it, so nothing is generated that the learner would have to drop as too stale."""
 
     version: int
     path: str = ""
     window: int = -1
+    buckets: list[WeightBucket] = []
+
+
+class WeightsLoaded(msgspec.Struct, tag="loaded"):
+    """Producer -> consumer: the producer's engine now runs policy `version` (sent after a torch.distributed
+    weight push, which the learner waits for before its next step)."""
+
+    producer: str
+    version: int
 
 
 class RolloutError(msgspec.Struct, tag="error"):
@@ -250,7 +270,7 @@ def _buffer(values, dtype) -> bytes:
     return np.ascontiguousarray(np.asarray(values), dtype=dtype).tobytes()
 
 
-Message = Hello | Credit | Goodbye | WeightVersion | RolloutError | RolloutGroup
+Message = Hello | Credit | Goodbye | WeightVersion | WeightsLoaded | RolloutError | RolloutGroup
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

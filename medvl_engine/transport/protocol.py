@@ -26,7 +26,10 @@ Protocol (messages in `medvl_engine.transport.messages`):
    per producer, and, before it reads the socket, to every producer that has used up its credit. The
    sender looks for Credits when its credit runs under a quarter window (and every 8th send). Each
    Credit restates the whole limit, so a repeated Credit does no harm.
-5. A closing sender sends `Goodbye`, and the receiver answers with a Credit whose `next_seq` says how
+5. Weights pushed over torch.distributed (`transport.weight_sync distributed`): the `WeightVersion` names
+   the buckets; a sender whose engine received them answers `WeightsLoaded(producer, version)` (no
+   sequence number, no credit), and `GroupReceiver.wait_for` waits for it.
+6. A closing sender sends `Goodbye`, and the receiver answers with a Credit whose `next_seq` says how
    much of the stream arrived; the sender closes once it is all there (or `linger_s` has passed).
 
 Admission: the receiver outlives any peer. A frame that is not one message (`multipart`), not msgpack
@@ -89,6 +92,7 @@ import time
 
 import zmq
 
+from medvl_engine.errors import ConfigError
 from medvl_engine.transport.messages import RolloutError, RolloutGroup
 
 AUTO_SEQ = -1  # a message's `seq` that the sender fills with the stream's next position
@@ -131,8 +135,8 @@ def _open(sock: zmq.Socket, endpoint: str, bind: bool) -> None:
         sock.bind(endpoint)
         return
     if endpoint.startswith("ipc://@"):
-        raise ValueError("an abstract ipc socket (ipc://@name) has no file permissions: any local user could "
-                         "connect; bind a path (ipc:///run/user/UID/medvl.sock)")
+        raise ConfigError("an abstract ipc socket (ipc://@name) has no file permissions: any local user could "
+                          "connect; bind a path (ipc:///run/user/UID/medvl.sock)")
     # libzmq creates the file inside zmq_bind, in this thread: under umask 077 it is born 0600, where a chmod
     # after the bind would leave a moment in which any local user could connect. The umask is the process's,
     # restored at once; a file another thread creates meanwhile is at worst owner-only.

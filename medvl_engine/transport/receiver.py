@@ -8,14 +8,14 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
 
 import msgspec
 import zmq
 
+from medvl_engine.errors import ConfigError
 from medvl_engine.profiling import stage
-from medvl_engine.transport.admission import _ClientKeyCheck, _is_log_count
+from medvl_engine.transport.admission import ProducerStats, ReceiverStats, _ClientKeyCheck, _is_log_count
 from medvl_engine.transport.keys import curve_folder, load_server_keys
 from medvl_engine.transport.messages import (
     Credit,
@@ -23,6 +23,7 @@ from medvl_engine.transport.messages import (
     Hello,
     RolloutError,
     RolloutGroup,
+    WeightsLoaded,
     WeightVersion,
     decode,
     encode,
@@ -44,33 +45,6 @@ _MAX_SESSIONS = 8  # connections remembered per producer: a dead process's last 
 _CONTROL_SLACK = 16  # RCVHWM above the credit: a Hello and a Goodbye per connection, with room for repeats
 _DRAIN_BATCH = 256  # frames read per pass, so a flood cannot keep recv from returning what is ready
 _MAX_WAIT_MS = 2**31 - 1  # ZMQ_RCVTIMEO is an int (ms); a longer timeout waits in several reads
-
-
-@dataclass
-class ProducerStats:
-    """One producer as the receiver sees it."""
-
-    producer: str
-    next_seq: int  # first sequence number not received yet
-    consumed: int  # every sequence number below this was handed to the application
-    buffered: int = 0  # received, not yet handed out
-    max_buffered: int = 0
-    sessions: int = 0  # Hellos: 1 + restarts
-    duplicates: int = 0
-    lost: int = 0
-    pending_acks: int = 0
-    granted: int = 0  # the limit the last Credit gave: the producer may send sequence numbers below it
-    route: bytes = field(default=b"", repr=False)
-
-
-@dataclass
-class ReceiverStats:
-    received: int = 0  # accepted messages
-    delivered: int = 0
-    duplicates: int = 0
-    lost: int = 0
-    producers: dict[str, ProducerStats] = field(default_factory=dict)
-    dropped: dict[str, int] = field(default_factory=dict)  # frames refused, per reason (see protocol.py's docstring)
 
 
 class GroupReceiver:
@@ -126,7 +100,7 @@ class GroupReceiver:
             _open(self._sock, endpoint, bind)
         except (zmq.ZMQError, ValueError, OSError) as exc:
             self.close()
-            raise ValueError(f"GroupReceiver: cannot {'bind' if bind else 'connect to'} {endpoint!r}: {exc}") from exc
+            raise ConfigError(f"GroupReceiver: cannot {'bind' if bind else 'connect to'} {endpoint!r}: {exc}") from exc
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
         if self._key_check is not None:
             self._key_check.endpoint = self.endpoint
@@ -178,6 +152,28 @@ class GroupReceiver:
         for state in self._producers.values():
             if state.route:
                 self._sock.send_multipart([state.route, payload])
+
+    def wait_for(self, producers: Iterable[str], version: int | None = None, timeout: float | None = None) -> None:
+        """Read the socket until every producer of `producers` has said Hello (so it has the latest
+        announcement) and, with a `version`, reported that version loaded (`WeightsLoaded`); what arrives
+        meanwhile is kept for `recv`. `TimeoutError` after `timeout` seconds, naming who is missing."""
+        deadline = _check_timeout(timeout, "GroupReceiver.wait_for")
+        producers = list(producers)
+
+        def missing() -> list[str]:
+            return [name for name in producers if name not in self._producers or not self._producers[name].route
+                    or (version is not None and self._producers[name].weight_version < version)]
+
+        while missing():
+            self._flush_acks()
+            if self._drain():
+                continue
+            wait_ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            if not wait_ms or not self._sock.poll(wait_ms, zmq.POLLIN):
+                if deadline is not None and time.monotonic() >= deadline:
+                    what = "said Hello" if version is None else f"reported weights v{version} loaded"
+                    raise TimeoutError(f"GroupReceiver on {self.endpoint}: {', '.join(missing())} not "
+                                       f"{what} within {timeout} s")
 
     def positions(self) -> dict[str, int]:
         """Per producer, the first sequence number not yet handed out: save it with a learner checkpoint
@@ -288,6 +284,8 @@ class GroupReceiver:
             self._hello(route, frame, msg)
         elif isinstance(msg, Goodbye):
             self._goodbye(route, frame, msg)
+        elif isinstance(msg, WeightsLoaded):
+            self._loaded(route, frame, msg)
         else:
             self._drop(route, frame, "unexpected_type", f"a {type(msg).__name__}, which only the receiver sends")
 
@@ -337,9 +335,20 @@ class GroupReceiver:
                 log.info("producer %r restarted (pid %d, %s): resumes at %d", hello.producer, hello.pid,
                          self._peer(route, frame), state.next_seq)
         state.route = route
+        state.weight_version = hello.weight_version
         self._send_credit(state)
         if self._weights is not None:
             self._sock.send_multipart([route, encode(self._weights)])
+
+    def _loaded(self, route: bytes, frame: zmq.Frame, loaded: WeightsLoaded) -> None:
+        state = self._routes.get(route)
+        if state is None:
+            self._drop(route, frame, "no_hello", "a WeightsLoaded before its Hello")
+        elif state.producer != loaded.producer:
+            self._drop(route, frame, "wrong_producer", f"a WeightsLoaded of {loaded.producer!r} on the "
+                                                       f"connection of producer {state.producer!r}")
+        else:
+            state.weight_version = max(state.weight_version, loaded.version)
 
     def _goodbye(self, route: bytes, frame: zmq.Frame, goodbye: Goodbye) -> None:
         state = self._routes.get(route)

@@ -12,6 +12,7 @@ import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from medvl_engine.errors import ConfigError
 from medvl_engine.profiling import stage
 from medvl_engine.transport.keys import KEYS_HINT, curve_folder, load_client_keys
 from medvl_engine.transport.messages import (
@@ -21,6 +22,7 @@ from medvl_engine.transport.messages import (
     Message,
     RolloutError,
     RolloutGroup,
+    WeightsLoaded,
     WeightVersion,
     decode,
     encode,
@@ -118,7 +120,7 @@ class GroupSender:
             _open(self._sock, endpoint, bind=not connect)
         except (zmq.ZMQError, ValueError, OSError) as exc:
             self.close(linger_s=0)
-            raise ValueError(f"{who}: cannot {'connect to' if connect else 'bind'} {endpoint!r}: {exc}") from exc
+            raise ConfigError(f"{who}: cannot {'connect to' if connect else 'bind'} {endpoint!r}: {exc}") from exc
         # ZeroMQ queues the Hello until the connection is up, so the receiver may start later.
         self._sock.send(encode(Hello(producer=producer_id, pid=os.getpid(), weight_version=weight_version)))
 
@@ -224,6 +226,11 @@ class GroupSender:
             return None
         self._new_weights = False
         return self._weights
+
+    def report_loaded(self, version: int) -> None:
+        """Tell the receiver this producer's engine runs policy `version` now (`WeightsLoaded`; a learner
+        pushing weights over torch.distributed waits for it). Takes no credit and no sequence number."""
+        self._sock.send(encode(WeightsLoaded(producer=self.producer_id, version=int(version))))
 
     def close(self, linger_s: float | None = None) -> None:
         """Close the socket once the receiver has everything sent, waiting at most `linger_s` seconds

@@ -12,6 +12,7 @@ from medvl_engine.databuild.filter_image import ImageFilter, check_image
 from medvl_engine.databuild.filter_text import TermCounter, TextFilter, read_lexicon
 from medvl_engine.databuild.records import BadRow, CaptionRecord, read_records
 from medvl_engine.databuild.stage import run_stage
+from medvl_engine.errors import RunFolderError
 
 
 def terms(counter: TermCounter, text: str) -> list[str]:
@@ -171,7 +172,7 @@ def test_resume_after_crash_equals_uninterrupted(caption_source, tmp_path, make)
     assert len(manifest["attempts"]) == 2
     # A finished stage reports without redoing; other settings are refused.
     run_stage(stage(), tmp_path / "twice", source, show_progress=False)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(RunFolderError, match="other settings"):
         run_stage(TextFilter(TextFilterConfig(min_terms=2)) if "text" in make().name else
                   ImageFilter(ImageFilterConfig(min_width=10)), tmp_path / "twice", source, show_progress=False)
 

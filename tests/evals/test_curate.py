@@ -11,6 +11,7 @@ from results_helpers import record, write_results
 
 from medvl_engine.cli import main as cli
 from medvl_engine.data import bundled_dataset_path, load_bundled, load_samples
+from medvl_engine.errors import ConfigError, RunFolderError
 from medvl_engine.evals.curate import CurateConfig, curate, read_pass_counts, select
 
 # Hand-made pass counts (of 16) for the bundled questions 0..36: index -> count. Indices 30..36 get no
@@ -74,7 +75,7 @@ def test_orders_and_seeded_tie_shuffle(bundled):
 def test_pass_counts_of_different_n_are_refused(tmp_path, bundled):
     rows = [record(bundled[0], ["a"] * 16), record(bundled[1], ["a"] * 8)]
     write_results(tmp_path / "results.jsonl", rows)
-    with pytest.raises(ValueError, match=r"different sample counts \[8, 16\]"):
+    with pytest.raises(RunFolderError, match=r"different sample counts \[8, 16\]"):
         read_pass_counts(tmp_path / "results.jsonl")
 
 
@@ -172,13 +173,13 @@ def test_a_failed_write_leaves_the_earlier_curation_whole(tmp_path, bundled, pas
 def test_overwrite_never_removes_an_input_or_a_folder_curate_did_not_write(tmp_path, bundled, pass_file):
     counts = _tree(pass_file.parent)
     for output in (pass_file.parent, tmp_path):  # the pass-counts folder, and a folder holding it
-        with pytest.raises(ValueError, match=r"--output .* (is|holds) the input"):
+        with pytest.raises(ConfigError, match=r"--output .* (is|holds) the input"):
             curate(CurateConfig(source="bundled", pass_counts=str(pass_file.parent), output=str(output),
                                 overwrite=True))
         assert _tree(pass_file.parent) == counts
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("a week of notes")
-    with pytest.raises(FileExistsError, match=r"no curation.json, so curate did not write it"):
+    with pytest.raises(RunFolderError, match=r"no curation.json, so curate did not write it"):
         curate(CurateConfig(source="bundled", pass_counts=str(pass_file.parent), output=str(mine), overwrite=True))
     assert (mine / "notes.txt").read_text() == "a week of notes"

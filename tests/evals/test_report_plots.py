@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from medvl_engine.cli import main as cli
+from medvl_engine.errors import RunFolderError
 from medvl_engine.evals.curves import TABLE_ROWS, is_training_run, plot_training
 
 GRPO_KEYS = ("reward", "accuracy", "format", "kl", "response_len", "clip_frac", "dual_clip_frac", "tokens_per_s",
@@ -85,7 +86,7 @@ def test_a_long_run_table_thins_the_steps_and_keeps_the_last(tmp_path):
 
 
 def test_a_run_with_none_of_the_metrics_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="logged none of"):
+    with pytest.raises(RunFolderError, match="logged none of"):
         plot_training([{"step": 1, "lr": 1e-6}], tmp_path / "curves.png")
 
 

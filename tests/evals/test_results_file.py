@@ -8,6 +8,7 @@ import pytest
 from results_helpers import record
 
 from medvl_engine.data import load_bundled
+from medvl_engine.errors import RunFolderError
 from medvl_engine.evals.results import ResultsFile, encode_record, read_records
 
 
@@ -60,13 +61,13 @@ def test_torn_last_line_is_cut_and_that_question_runs_again(tmp_path, samples):
 def test_damage_inside_the_file_is_an_error_naming_the_line(tmp_path, samples):
     path = tmp_path / "results.jsonl"
     path.write_text(encode_record(record(samples[0], ["a"])) + "{not json\n" + encode_record(record(samples[1], ["b"])))
-    with pytest.raises(ValueError, match=r"results.jsonl:2: not valid JSON"):
+    with pytest.raises(RunFolderError, match=r"results.jsonl:2: not valid JSON"):
         ResultsFile(path).open()
     path.write_text(encode_record(record(samples[0], ["a"])) * 2)
-    with pytest.raises(ValueError, match=r":2: dataset_index 0 already written on line 1"):
+    with pytest.raises(RunFolderError, match=r":2: dataset_index 0 already written on line 1"):
         read_records(path)
     bad = record(samples[0], ["a"])
     bad["num_rollouts"] = 2
     path.write_text(encode_record(bad))
-    with pytest.raises(ValueError, match="1 parsed_outputs but num_rollouts=2"):
+    with pytest.raises(RunFolderError, match="1 parsed_outputs but num_rollouts=2"):
         read_records(path)

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from medvl_engine.errors import ConfigError, RunFolderError
 from medvl_engine.evals.evaluate import VOLATILE, EvalConfig, eval_data, evaluate, sections
 from medvl_engine.evals.manifest import open_run
 from medvl_engine.evals.passrate import PassrateConfig, estimate, passrate_data
@@ -70,10 +71,10 @@ def test_overwrite_refuses_a_folder_medvl_engine_did_not_write(tmp_path, model_d
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("a week of notes")
-    with pytest.raises(FileExistsError, match=r"no manifest.json, so medvl-engine did not write it"):
+    with pytest.raises(RunFolderError, match=r"no manifest.json, so medvl-engine did not write it"):
         evaluate(_eval_cfg(model_dir, mine, overwrite=True))
     assert (mine / "notes.txt").read_text() == "a week of notes"
-    with pytest.raises(FileExistsError, match=r"no manifest.json"):
+    with pytest.raises(RunFolderError, match=r"no manifest.json"):
         estimate(_passrate_cfg(model_dir, mine, overwrite=True))
     assert (mine / "notes.txt").read_text() == "a week of notes"
 
@@ -81,7 +82,7 @@ def test_overwrite_refuses_a_folder_medvl_engine_did_not_write(tmp_path, model_d
 def test_overwrite_refuses_another_commands_run(tmp_path, model_dir):
     run = _earlier_run(tmp_path / "passrate-run", "passrate")
     before = _tree(run)
-    with pytest.raises(FileExistsError, match=r"holds a 'passrate' run, not 'eval'"):
+    with pytest.raises(RunFolderError, match=r"holds a 'passrate' run, not 'eval'"):
         evaluate(_eval_cfg(model_dir, run, overwrite=True))
     assert _tree(run) == before
 
@@ -90,10 +91,10 @@ def test_overwrite_refuses_another_commands_run(tmp_path, model_dir):
 def test_an_output_folder_that_is_an_input_is_refused(tmp_path, model_dir, where):
     before = _tree(model_dir)
     output = {"is": model_dir, "holds": model_dir.parent, "lies inside": model_dir / "eval"}[where]
-    with pytest.raises(ValueError, match=rf"--output .* {where} the input {model_dir}"):
+    with pytest.raises(ConfigError, match=rf"--output .* {where} the input {model_dir}"):
         evaluate(_eval_cfg(model_dir, output, overwrite=True))
     assert _tree(model_dir) == before and not (model_dir / "eval").exists()
-    with pytest.raises(ValueError, match=rf"{where} the input"):
+    with pytest.raises(ConfigError, match=rf"{where} the input"):
         estimate(_passrate_cfg(model_dir, output, overwrite=True))
     assert _tree(model_dir) == before
 
@@ -115,7 +116,7 @@ def test_a_resumed_hf_run_refuses_another_max_batch(tmp_path, model_dir):
     (out / "v0" / "results.jsonl").write_text('{"dataset_index": 0}\n')
     # hf pads a batch's prompts together: greedy answers depend on which questions share a generate call.
     cfg.rollout = replace(cfg.rollout, max_batch=4)
-    with pytest.raises(ValueError, match=r"rollout.max_batch: 16 in the folder, 4 now"):
+    with pytest.raises(RunFolderError, match=r"rollout.max_batch: 16 in the folder, 4 now"):
         evaluate(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
     assert [a["settings"]["rollout"]["max_batch"] for a in manifest["attempts"]] == [16]
@@ -145,7 +146,7 @@ def test_a_folder_written_when_max_batch_was_volatile_resumes_with_the_same_valu
     manifest = open_run(out, "eval", sections(cfg), volatile=volatile_settings(cfg, VOLATILE))
     assert manifest["identity"]["rollout"]["max_batch"] == 8  # recorded from now on
     cfg.rollout = replace(cfg.rollout, max_batch=2)
-    with pytest.raises(ValueError, match=r"rollout.max_batch: 8 in the folder, 2 now"):
+    with pytest.raises(RunFolderError, match=r"rollout.max_batch: 8 in the folder, 2 now"):
         open_run(out, "eval", sections(cfg), volatile=volatile_settings(cfg, VOLATILE))
 
 
@@ -159,5 +160,5 @@ def test_an_attempt_that_stopped_before_its_first_answer_does_not_block_the_corr
     manifest = open_run(run, "eval", {"data": {"ignore_images": True}})
     assert manifest["identity"] == {"data": {"ignore_images": True}} and len(manifest["attempts"]) == 1
     (run / "v0" / "results.jsonl").write_text('{"dataset_index": 0}\n')  # now it holds an answer
-    with pytest.raises(ValueError, match=r"data.ignore_images: True in the folder, False now"):
+    with pytest.raises(RunFolderError, match=r"data.ignore_images: True in the folder, False now"):
         open_run(run, "eval", {"data": {"ignore_images": False}})

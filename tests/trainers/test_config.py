@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 
 from medvl_engine import config as config_lib
+from medvl_engine.errors import ConfigError
 from medvl_engine.trainers.config import GRPOConfig, OptimConfig, SFTConfig, deepspeed_config
 
 
 def parse(cls, argv):
     parser = argparse.ArgumentParser()
-    config_lib.add_arguments(parser, cls)
-    parser.add_argument("--resume", action="store_true")
+    config_lib.add_arguments(parser, cls)  # --resume among the flags: a field of the run config
     return config_lib.from_args(cls, parser.parse_args(argv))
 
 
@@ -42,6 +43,7 @@ def test_every_field_is_a_flag_and_flags_override_the_file(tmp_path):
     assert (cfg.algo.clip_high, cfg.algo.advantage, cfg.steps) == (0.28, "drgrpo", 7)  # from the file
     assert cfg.rollout.n == 4 and cfg.model.gradient_checkpointing is False and cfg.optim.betas == (0.8, 0.9)
     assert cfg.algo.kl_coef == 0.01  # untouched default
+    assert cfg.resume and not cfg.overwrite
 
 
 def test_a_partial_section_keeps_the_run_configs_own_defaults():
@@ -89,3 +91,99 @@ def test_deepspeed_config_from_components():
     assert cosine["scheduler"]["params"]["warmup_num_steps"] == 5
     with pytest.raises(ValueError, match="not a multiple"):
         deepspeed_config(cfg.optim, cfg.deepspeed, "bf16", train_batch_size=10, world_size=8, total_steps=1)
+
+
+# -- one spelling of the run folder and the model in every command; the old ones for one release ------------
+
+DEPRECATED = "is deprecated and will be removed in the next release: use `output` (--output)"
+
+
+@pytest.mark.parametrize("cls", [GRPOConfig, SFTConfig])
+def test_the_old_run_folder_key_in_a_file_still_works_with_a_warning(cls, tmp_path, caplog):
+    path = tmp_path / "run.yaml"
+    path.write_text("logging:\n  run_dir: runs/old\n  log_every: 3\n")
+    with caplog.at_level(logging.WARNING, logger="medvl_engine"):
+        cfg = config_lib.load(cls, path)
+    assert cfg.output == "runs/old" and cfg.logging.log_every == 3
+    assert f"`logging.run_dir` (--logging.run-dir) {DEPRECATED}" in caplog.text and str(path) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medvl_engine"):  # the new spelling: no warning
+        assert config_lib.build(cls, {"output": "runs/new"}).output == "runs/new"
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("cls", [GRPOConfig, SFTConfig])
+def test_the_old_run_folder_flag_still_works_with_a_warning(cls, caplog):
+    with caplog.at_level(logging.WARNING, logger="medvl_engine"):
+        cfg = parse(cls, ["--logging.run-dir", "runs/old", "--logging.log-every", "2"])
+    assert cfg.output == "runs/old" and cfg.logging.log_every == 2
+    assert f"command line: `logging.run_dir` (--logging.run-dir) {DEPRECATED}" in caplog.text
+    parser = argparse.ArgumentParser()
+    config_lib.add_arguments(parser, cls)
+    assert "--logging.run-dir" not in parser.format_help() and "--output" in parser.format_help()
+
+
+def test_an_old_and_a_new_key_that_differ_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"`logging.run_dir` \(--logging.run-dir\) is the old spelling of `output` "
+                                          r"\(--output\).*logging.run_dir='a', output='b'"):
+        config_lib.build(GRPOConfig, {"logging": {"run_dir": "a"}, "output": "b"})
+    with pytest.raises(ConfigError, match="old spelling of `output`"):
+        parse(SFTConfig, ["--logging.run-dir", "a", "--output", "b"])
+    path = tmp_path / "run.yaml"
+    path.write_text("output: a\nlogging:\n  run_dir: b\n")
+    with pytest.raises(ConfigError, match=f"{path}: .*old spelling of `output`"):
+        config_lib.load(GRPOConfig, path)
+    # The same value twice is no conflict; a flag in the new spelling overrides a file in the old one.
+    assert config_lib.build(GRPOConfig, {"logging": {"run_dir": "a"}, "output": "a"}).output == "a"
+    path.write_text("logging:\n  run_dir: a\n")
+    assert parse(GRPOConfig, ["--config", str(path), "--output", "b"]).output == "b"
+
+
+@pytest.mark.parametrize("command", ["grpo", "sft"])
+def test_the_dry_run_prints_only_the_new_spelling(command, tmp_path, capsys):
+    import yaml
+
+    from medvl_engine.cli import main as cli
+
+    path = tmp_path / "old.yaml"
+    path.write_text("logging:\n  run_dir: runs/old\n")
+    with pytest.raises(SystemExit) as stop:
+        cli([command, "--config", str(path), "--model", "smollm2", "--resume", "--dry-run"])
+    assert stop.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["output"] == "runs/old" and printed["model"]["path"] == "smollm2"
+    assert "run_dir" not in printed["logging"]
+    assert not {"resume", "overwrite", "allow_changes"} & set(printed)  # switches, not settings
+
+
+@pytest.mark.parametrize("cls", [GRPOConfig, SFTConfig])
+def test_a_plain_model_value_is_the_model_path(cls, tmp_path):
+    assert parse(cls, ["--model", "m1", "--model.dtype", "fp32"]).model.path == "m1"
+    assert parse(cls, ["--model.path", "m2"]).model.path == "m2"
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m3\n")
+    cfg = parse(cls, ["--config", str(path), "--no-model.gradient-checkpointing"])
+    assert (cfg.model.path, cfg.model.gradient_checkpointing, cfg.model.dtype) == ("m3", False, "bf16")
+    assert config_lib.to_dict(config_lib.build(cls, {"model": "m4"}))["model"]["path"] == "m4"
+
+
+def test_the_run_switches_are_never_saved(tmp_path):
+    cfg = config_lib.build(GRPOConfig, {"output": str(tmp_path), "resume": True, "overwrite": True,
+                                        "allow_changes": True})
+    assert cfg.resume and cfg.overwrite and cfg.allow_changes
+    saved = config_lib.load(GRPOConfig, config_lib.save(cfg, tmp_path / "config.yaml"))
+    assert not (saved.resume or saved.overwrite or saved.allow_changes) and saved.output == str(tmp_path)
+    assert "resume" not in (tmp_path / "config.yaml").read_text()
+    assert config_lib.build(GRPOConfig, config_lib.to_dict(cfg, switches=True)) == cfg  # a whole copy keeps them
+
+
+def test_the_demo_takes_output_and_its_old_run_dir(caplog):
+    from medvl_engine import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    with caplog.at_level(logging.WARNING, logger="medvl_engine"):
+        cfg = config_lib.from_args(demo.DemoConfig, parser.parse_args(["--run-dir", "runs/d"]))
+    assert cfg.output == "runs/d" and "`run_dir` (--run-dir) is deprecated" in caplog.text
+    assert config_lib.from_args(demo.DemoConfig, parser.parse_args(["--output", "runs/e"])).output == "runs/e"
+    assert demo.grpo_config(cfg, "m", cfg.output, "ipc:///tmp/x").output == "runs/d"

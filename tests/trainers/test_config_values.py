@@ -45,7 +45,7 @@ def test_sft_names_the_key_and_value():
 def test_yaml_inf_is_refused_from_a_file_before_anything_starts(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("optim:\n  lr: .inf\nalgo:\n  clip_high: 0.28\n")
-    rc = cli(["grpo", "--config", str(path), "--model.path", "smollm2", "--logging.run-dir", str(tmp_path / "run")])
+    rc = cli(["grpo", "--config", str(path), "--model.path", "smollm2", "--output", str(tmp_path / "run")])
     assert rc == 2
     assert "optim.lr: must be a finite number, got inf" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -49,7 +49,7 @@ def toy_config(model_dir, run_dir, **algo) -> GRPOConfig:
         "rollout": {"n": 16, "max_response_tokens": 2, "seed": 3, "max_staleness": 0},
         "algo": {"prompts_per_step": 4, "mini_batches": 2, "kl_coef": 0.0, **algo},
         "deepspeed": {"micro_batch_size": 8},
-        "logging": {"run_dir": str(run_dir)},
+        "output": str(run_dir),
         "checkpoint": {"export": False},
         "steps": 3, "seed": 5,
     })

@@ -25,7 +25,7 @@ def test_two_learner_ranks_train_on_a_worker_stream(tiny_chat_model, tmp_path):
                "--rollout.n", "4", "--rollout.max-response-tokens", "12", "--transport.weight-sync", "disk",
                "--algo.prompts-per-step", "2", "--algo.mini-batches", "1", "--deepspeed.micro-batch-size", "2",
                "--optim.lr", "1e-3", "--steps", "2", "--checkpoint.every", "2",
-               "--logging.run-dir", str(run_dir)]
+               "--output", str(run_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

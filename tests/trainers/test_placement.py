@@ -26,7 +26,7 @@ def placement_config(model, run_dir, *, endpoint: str = "", workers: int = 1, sh
         "transport": transport,
         "algo": {"prompts_per_step": PROMPTS, "mini_batches": 1, "kl_coef": 0.0},
         "deepspeed": {"micro_batch_size": N},
-        "logging": {"run_dir": str(run_dir)},
+        "output": str(run_dir),
         "checkpoint": {"every": 1, "keep": 5, "export": False},
         "steps": STEPS, "seed": 1,
     })

@@ -63,7 +63,7 @@ def test_sft_lowers_the_loss_on_the_bundled_data(tiny_chat_model, tmp_path):
         "optim": {"lr": 3e-2},
         "data": {"text_only": True},
         "deepspeed": {"micro_batch_size": 1},
-        "logging": {"run_dir": str(tmp_path / "run")},
+        "output": str(tmp_path / "run"),
         "checkpoint": {"export": True},
         "epochs": 5, "global_batch_size": 2,
     })
@@ -87,7 +87,7 @@ def test_checkpoint_final_off_leaves_only_the_export(tiny_chat_model, tmp_path):
         "model": {"path": str(tiny_chat_model), "dtype": "fp32", "gradient_checkpointing": False},
         "data": {"text_only": True, "max_samples": 2},
         "deepspeed": {"micro_batch_size": 1},
-        "logging": {"run_dir": str(tmp_path / "run")},
+        "output": str(tmp_path / "run"),
         "checkpoint": {"final": False},
         "epochs": 1, "global_batch_size": 2,
     })

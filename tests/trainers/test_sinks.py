@@ -52,7 +52,7 @@ def test_a_tiny_sft_run_writes_tensorboard_scalars_equal_to_its_metrics_jsonl(ti
     cfg = config_lib.build(SFTConfig, {
         "model": {"path": str(tiny_chat_model), "dtype": "fp32", "gradient_checkpointing": False},
         "data": {"text_only": True},
-        "logging": {"run_dir": str(run_dir), "sinks": "jsonl,tensorboard"},
+        "output": str(run_dir), "logging": {"sinks": "jsonl,tensorboard"},
         "checkpoint": {"export": False},
         "epochs": 1, "global_batch_size": 2, "max_steps": 3,
     })
@@ -69,7 +69,7 @@ def test_a_tiny_sft_run_writes_tensorboard_scalars_equal_to_its_metrics_jsonl(ti
 
 def test_a_resumed_log_purges_the_tensorboard_steps_after_its_checkpoint(tmp_path):
     pytest.importorskip("tensorboard")
-    cfg = config_lib.build(SFTConfig, {"logging": {"run_dir": str(tmp_path), "sinks": "tensorboard"}})
+    cfg = config_lib.build(SFTConfig, {"output": str(tmp_path), "logging": {"sinks": "tensorboard"}})
     with MetricsLog(tmp_path, 0, config=cfg) as log:
         for step in (1, 2, 3):
             log.write({"step": step, "loss": 10.0 + step, "note": "text is not plotted", "ok": True})
@@ -84,7 +84,7 @@ def test_a_resumed_log_purges_the_tensorboard_steps_after_its_checkpoint(tmp_pat
 
 def test_only_rank_0_writes(tmp_path):
     pytest.importorskip("tensorboard")
-    cfg = config_lib.build(SFTConfig, {"logging": {"run_dir": str(tmp_path), "sinks": "tensorboard"}})
+    cfg = config_lib.build(SFTConfig, {"output": str(tmp_path), "logging": {"sinks": "tensorboard"}})
     with MetricsLog(tmp_path, 1, config=cfg) as log:
         log.write({"step": 1, "loss": 1.0})
     assert not any(tmp_path.iterdir())
@@ -122,7 +122,7 @@ def test_wandb_writes_an_offline_run_under_the_run_folder(tmp_path, monkeypatch)
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "home" / name.lower()))
     run_dir = tmp_path / "run"
-    cfg = config_lib.build(GRPOConfig, {"logging": {"run_dir": str(run_dir), "sinks": "wandb",
+    cfg = config_lib.build(GRPOConfig, {"output": str(run_dir), "logging": {"sinks": "wandb",
                                                     "wandb_project": "medvl-test", "wandb_name": "tiny"}})
     rows = [{"step": 1, "reward": 0.25, "kl": 0.0, "groups": 4}, {"step": 2, "reward": 0.5, "kl": 1e-3, "groups": 4}]
     with MetricsLog(run_dir, 0, config=cfg) as log:

@@ -75,7 +75,7 @@ def vl_config(model, run_dir, *, endpoint: str = "", steps: int = 2) -> GRPOConf
         "transport": {"endpoint": endpoint} if endpoint else {},
         "algo": {"prompts_per_step": 2, "mini_batches": 1, "kl_coef": 0.01},
         "deepspeed": {"micro_batch_size": 2},
-        "logging": {"run_dir": str(run_dir)},
+        "output": str(run_dir),
         "checkpoint": {"export": True},
         "steps": steps,
     })
@@ -132,7 +132,7 @@ def test_sft_on_image_rows_lowers_the_loss_and_the_export_reloads_with_identical
         "optim": {"lr": 1e-2},
         "data": {"source": "bundled", "max_samples": 4, "shuffle": False},
         "deepspeed": {"micro_batch_size": 2},
-        "logging": {"run_dir": str(tmp_path / "run")},
+        "output": str(tmp_path / "run"),
         "epochs": 4, "global_batch_size": 2,
     })
     examples = load_examples(cfg, load_tokenizer(cfg.model.path), policy_processor(cfg.model.path))
