@@ -53,7 +53,7 @@ def build_transport_feed(cfg: GRPOConfig, state: dict | None):
 
     t = cfg.transport
     receiver = GroupReceiver(t.endpoint, credits=t.credits or cfg.algo.prompts_per_step,
-                             start_seqs=state["seqs"] if state else None, keys=t.keys or None)
+                             start_seqs=state["seqs"] if state else None, keys=t.keys or None, strict=True)
     endpoint = receiver.endpoint.replace("0.0.0.0", "127.0.0.1")
     run_dir = Path(cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -26,13 +26,17 @@ model whose answers to every question score the same, every prompt failing) the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
 from medvl_engine.errors import UserError
 from medvl_engine.rollout.groups import FailedPrompt, failed_message, is_constant, to_message
 from medvl_engine.rollout.pool import RolloutPool
+from medvl_engine.transport.admission import _is_log_count
 from medvl_engine.transport.messages import RolloutError, RolloutGroup, WeightVersion
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class SourceStats:
     constant: int = 0
     errors: int = 0
     duplicates: int = 0
+    invalid: int = 0  # messages without a stream position, dropped
     error_reasons: list[str] = field(default_factory=list)
 
 
@@ -273,9 +278,13 @@ class OrderedSource:
                     raise TimeoutError(f"no rollout group for stream position {position} in {self.timeout:.0f} s") \
                         from None
                 continue
-            if msg.position < 0:
-                raise ValueError(f"producer {msg.producer!r} sent {msg.prompt_id!r} without a stream position "
-                                 "(a rollout worker of an older version?)")
+            if msg.position < 0:  # a strict GroupReceiver refuses these; a message never stops the run
+                self.stats.invalid += 1
+                if _is_log_count(self.stats.invalid):
+                    log.warning("dropped %s %r of producer %r: no stream position (a rollout worker of an older "
+                                "version?) (%d so far)", type(msg).__name__, msg.prompt_id[:80], msg.producer,
+                                self.stats.invalid)
+                continue
             if msg.position < position or msg.position in self._buffer:
                 self.stats.duplicates += 1
                 continue

@@ -8,7 +8,10 @@ is `GroupReceiver`'s, in `receiver.py`; `protocol.py` documents it."""
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
+
+import zmq
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +66,44 @@ class _ClientKeyCheck:
 def _is_log_count(count: int) -> bool:
     """1, 10, 100, ...: a flood of bad frames is logged a handful of times, not once per frame."""
     return str(count).rstrip("0") == "1"
+
+
+def end_session(routes: dict[bytes, ProducerStats], sessions: deque[bytes] | None, route: bytes,
+                state: ProducerStats) -> None:
+    """Forget connection `route` of `state`'s producer (a strict receiver's answer to a protocol violation):
+    its later frames are dropped as `no_hello`, and it gets no more Credits. The producer keeps its position:
+    a new process of it that says Hello resumes there (the restart contract), and gets what was lost again."""
+    routes.pop(route, None)
+    if sessions is not None and route in sessions:
+        sessions.remove(route)
+    if state.route == route:
+        state.route = b""
+
+
+def strict_violation(msg, next_seq: int, window: int) -> tuple[str, str] | None:
+    """`(reason, detail)` when a strict receiver refuses stream message `msg` (its producer expects `next_seq`
+    next; `window` is the first stream position the learner announced it does not consume yet, -1: none), or None.
+
+    A message past a sequence gap is refused, not delivered: the receiver's position stays at the first
+    missing number, so the producer's next session regenerates it (positions and seeds follow from it)."""
+    what = f"{type(msg).__name__} {msg.prompt_id[:80]!r} (seq {msg.seq})"
+    if msg.position < 0:
+        return "no_position", f"{what} without a stream position"
+    if 0 <= window <= msg.position:
+        return "outside_window", f"{what} at stream position {msg.position}, at or past the window {window}"
+    if msg.seq > next_seq:
+        return "sequence_gap", (f"{what} while seq {next_seq} was expected: {msg.seq - next_seq} message(s) lost "
+                                f"or skipped, which a restart of the producer regenerates from seq {next_seq}")
+    return None
+
+
+def peer_name(route: bytes, frame: zmq.Frame | None = None) -> str:
+    """A connection as a log line names it: its routing id and, where libzmq knows it, its address."""
+    address = ""
+    if frame is not None:
+        try:
+            address = frame.get("Peer-Address")
+        except zmq.ZMQError:
+            pass
+    name = route[:80].decode(errors="replace")
+    return f"connection {name!r}" + (f" at {address}" if address else "")

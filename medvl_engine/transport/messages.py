@@ -15,6 +15,7 @@ over torch.distributed answers `WeightsLoaded`); a closing producer sends
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import msgspec
 import numpy as np
@@ -22,9 +23,36 @@ import numpy as np
 TOKEN_DTYPE = np.dtype("<i4")
 LOGPROB_DTYPE = np.dtype("<f4")
 
+# Wire limits: msgspec checks them while it decodes, so a list or bytes field over its limit is refused
+# (`invalid`) from its msgpack header, before its items are built. A frame is also capped as a whole (the
+# receiver's max_message_bytes, 256 MiB by default), so these only have to bound what one field can cost:
+MAX_NAME = 256  # characters of a producer name
+MAX_ANSWERS = 1024  # answers per group (rollout.n): GRPO uses 8-64; 16x the largest
+MAX_SEQUENCE_TOKENS = 1 << 17  # a prompt or a response: 131072 tokens, the longest context of the VL models served
+MAX_TOKEN_BYTES = 4 * MAX_SEQUENCE_TOKENS  # int32 ids / float32 log-probs of one sequence: 4 B x 131072 = 512 KiB
+MAX_TEXT_CHARS = 32 * MAX_SEQUENCE_TOKENS  # a decoded answer: <= 32 characters per token x 131072 = 4 Mi characters
+MAX_IMAGES = 64  # images of one prompt
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_BYTES = 4 * MAX_IMAGE_SIDE**2  # raw pixels, RGBA (4 B) 8192 x 8192 = 256 MiB, the default frame cap
+MAX_LABEL_CHARS = 64 << 10  # an id, a gold answer, an error's reason, a checkpoint path: 64 Ki characters
+MAX_WORD_CHARS = 64  # a finish reason, an option letter, an image mode, a dtype name
+MAX_TENSORS = 1 << 20  # tensors of one weight bucket (a 671B MoE model has ~10^5 in all)
+MAX_DIMS = 16  # dimensions of one tensor's shape
+
+
+def _limited(kind, max_length: int):
+    return Annotated[kind, msgspec.Meta(max_length=max_length)]
+
+
+Name = _limited(str, MAX_NAME)
+Label = _limited(str, MAX_LABEL_CHARS)
+Word = _limited(str, MAX_WORD_CHARS)
+Text = _limited(str, MAX_TEXT_CHARS)
+Tokens = _limited(bytes, MAX_TOKEN_BYTES)
+
 
 class Hello(msgspec.Struct, tag="hello"):
-    producer: str
+    producer: Name
     pid: int
     weight_version: int = 0
 
@@ -38,7 +66,7 @@ class Credit(msgspec.Struct, tag="credit"):
     whole limit rather than adding to it, so a repeated or dropped Credit cannot inflate or leak credit.
     """
 
-    producer: str
+    producer: Name
     credits: int
     next_seq: int
     consumer_version: int = 0
@@ -52,16 +80,16 @@ class Goodbye(msgspec.Struct, tag="goodbye"):
     a Credit unread in it resets the connection, and the reset discards what the consumer's kernel still
     held of the stream (~17 groups of 150 KB were lost that way on loopback)."""
 
-    producer: str
+    producer: Name
 
 
 class WeightBucket(msgspec.Struct):
     """One bucket of a torch.distributed weight push: the tensors the learner's rank 0 broadcasts next, in
     this order (the arguments of `Backend.update_weights_from_distributed`)."""
 
-    names: list[str]
-    dtypes: list[str]  # torch dtype names: "bfloat16", "float32"
-    shapes: list[list[int]]
+    names: _limited(list[Label], MAX_TENSORS)
+    dtypes: _limited(list[Word], MAX_TENSORS)  # torch dtype names: "bfloat16", "float32"
+    shapes: _limited(list[_limited(list[int], MAX_DIMS)], MAX_TENSORS)
 
 
 class WeightVersion(msgspec.Struct, tag="weights"):
@@ -71,26 +99,26 @@ class WeightVersion(msgspec.Struct, tag="weights"):
     beyond it, so nothing is generated that the learner would have to drop as too stale."""
 
     version: int
-    path: str = ""
+    path: Label = ""
     window: int = -1
-    buckets: list[WeightBucket] = []
+    buckets: _limited(list[WeightBucket], MAX_TENSORS) = []
 
 
 class WeightsLoaded(msgspec.Struct, tag="loaded"):
     """Producer -> consumer: the producer's engine now runs policy `version` (sent after a torch.distributed
     weight push, which the learner waits for before its next step)."""
 
-    producer: str
+    producer: Name
     version: int
 
 
 class RolloutError(msgspec.Struct, tag="error"):
     """A prompt that could not be completed after its retries; it takes a sequence number like a group."""
 
-    producer: str
+    producer: Name
     seq: int
-    prompt_id: str
-    reason: str
+    prompt_id: Label
+    reason: Label
     attempts: int = 0
     position: int = -1  # the prompt's position in the PromptStream
 
@@ -99,10 +127,10 @@ class ImageData(msgspec.Struct):
     """One image as raw pixels (PIL's `tobytes()` in `mode`): no encoder on the hot path and lossless, so
     the learner's image processor sees exactly the pixels the engine's saw. A 448x448 RGB image is 588 KB."""
 
-    mode: str
+    mode: Word
     width: int
     height: int
-    data: bytes
+    data: _limited(bytes, MAX_IMAGE_BYTES)
 
     @classmethod
     def from_pil(cls, image) -> ImageData:
@@ -119,26 +147,26 @@ class ImageData(msgspec.Struct):
 class RolloutGroup(msgspec.Struct, tag="group"):
     """The n scored answers of one prompt (one GRPO group)."""
 
-    producer: str
+    producer: Name
     seq: int
-    prompt_id: str
-    dataset_name: str
+    prompt_id: Label
+    dataset_name: Label
     dataset_index: int
     weight_version: int
-    answer_label: str
-    prompt_ids: bytes  # int32 [P]
-    response_ids: list[bytes]  # n x int32 [T_i]
-    logprobs: list[bytes]  # n x float32 [T_i], or empty bytes when the engine returned none
-    texts: list[str]
-    finish_reasons: list[str]
-    rewards: bytes  # float32 [n]
-    correct: bytes  # bool [n]
-    format_ok: bytes  # bool [n]
-    letters: list[str]  # the option letter each answer maps to ("" when none)
-    parsed: list[str] = []  # the extracted answer of each answer
+    answer_label: Label
+    prompt_ids: Tokens  # int32 [P]
+    response_ids: _limited(list[Tokens], MAX_ANSWERS)  # n x int32 [T_i]
+    logprobs: _limited(list[Tokens], MAX_ANSWERS)  # n x float32 [T_i], or empty bytes when the engine returned none
+    texts: _limited(list[Text], MAX_ANSWERS)
+    finish_reasons: _limited(list[Word], MAX_ANSWERS)
+    rewards: _limited(bytes, 4 * MAX_ANSWERS)  # float32 [n]
+    correct: _limited(bytes, MAX_ANSWERS)  # bool [n]
+    format_ok: _limited(bytes, MAX_ANSWERS)  # bool [n]
+    letters: _limited(list[Word], MAX_ANSWERS)  # the option letter each answer maps to ("" when none)
+    parsed: _limited(list[Text], MAX_ANSWERS) = []  # the extracted answer of each answer
     position: int = -1  # the prompt's position in the PromptStream (same for every placement)
     seed: int = -1  # the sampling seed of that position (-1: none)
-    images: list[ImageData] = []  # the prompt's images, in the order of their placeholders
+    images: _limited(list[ImageData], MAX_IMAGES) = []  # the prompt's images, in the order of their placeholders
     # Wall clock (time.time(), the producer's machine) when its generation started and when it was scored;
     # 0: not said. The learner's timeline.jsonl draws them.
     started: float = 0.0

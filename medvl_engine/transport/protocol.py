@@ -37,7 +37,13 @@ Admission: the receiver outlives any peer. A frame that is not one message (`mul
 (`unexpected_type`), from a connection that never said Hello (`no_hello`), naming another producer than its
 connection's (`wrong_producer`), at or past the producer's credit limit (`over_credit`), or a Hello of a new
 producer past `max_producers` (`too_many_producers`) is dropped, counted in `stats.dropped[reason]` and
-logged with the peer (the 1st, 10th, 100th ... of each reason), and the stream goes on. A message over
+logged with the peer (the 1st, 10th, 100th ... of each reason), and the stream goes on. Nothing but a Hello
+is decoded from a connection before its Hello: a larger frame (`MAX_HELLO_BYTES`) is dropped as `no_hello`
+unread. Every list, string and bytes field has a wire limit (`messages.py`) that msgspec checks from the
+field's header while decoding (`oversized`). A strict receiver (`strict=True`, the learner's) also ends
+the session of the connection that broke the protocol (its later frames are `no_hello`; logged with the
+producer's name), refuses a message past a sequence gap (`sequence_gap`), one without a stream position
+(`no_position`) and one at or past the announced window (`outside_window`). A message over
 `max_message_bytes` never reaches the channel: libzmq (ZMQ_MAXMSGSIZE) cuts the connection that sent it
 (a DEALER reconnects) without telling why, so those are not counted; a GroupSender refuses to send one.
 
@@ -57,7 +63,9 @@ Sequence numbers: the receiver delivers, per producer, 0, 1, 2, ... in order and
 below the expected number is a duplicate: dropped and counted (`stats.duplicates`). A message above it
 means messages were lost: `recv` raises `SequenceGap` once (the loss is already counted in
 `stats.lost`, the message is kept, and a caller that catches it may go on), or, with `on_gap="count"`,
-only counts it.
+only counts it. A strict receiver refuses the message past the gap and ends that session (above): its
+position stays at the first missing number, so the producer's next process regenerates from there; a
+live process of it gets no more credit, and the learner's wait for the missing position runs out.
 
 Restart contract: a sequence number names a position in the producer's stream of prompts, not one
 particular sample. A producer that restarts (a new process with the same `producer_id`) asks the
@@ -93,12 +101,15 @@ import time
 import zmq
 
 from medvl_engine.errors import ConfigError
-from medvl_engine.transport.messages import RolloutError, RolloutGroup
+from medvl_engine.transport.messages import MAX_NAME, RolloutError, RolloutGroup
 
 AUTO_SEQ = -1  # a message's `seq` that the sender fills with the stream's next position
 MAX_MESSAGE_BYTES = 256 << 20  # default receiver limit: a group of 8 answers of 4k tokens is ~0.3 MB
 MAX_PRODUCERS = 1024
-_MAX_NAME = 256  # characters of a producer name
+_MAX_NAME = MAX_NAME  # characters of a producer name
+# The largest frame decoded from a connection that has not said Hello (only a Hello is admitted there): a
+# Hello is its type tag, a name of <= 256 characters (<= 4 UTF-8 bytes each: 1 KiB) and two ints, < 1.1 KiB.
+MAX_HELLO_BYTES = 2048
 
 StreamMessage = RolloutGroup | RolloutError
 

@@ -15,7 +15,15 @@ import zmq
 
 from medvl_engine.errors import ConfigError
 from medvl_engine.profiling import stage
-from medvl_engine.transport.admission import ProducerStats, ReceiverStats, _ClientKeyCheck, _is_log_count
+from medvl_engine.transport.admission import (
+    ProducerStats,
+    ReceiverStats,
+    _ClientKeyCheck,
+    _is_log_count,
+    end_session,
+    peer_name,
+    strict_violation,
+)
 from medvl_engine.transport.keys import curve_folder, load_server_keys
 from medvl_engine.transport.messages import (
     Credit,
@@ -31,6 +39,7 @@ from medvl_engine.transport.messages import (
 )
 from medvl_engine.transport.protocol import (
     _MAX_NAME,
+    MAX_HELLO_BYTES,
     MAX_MESSAGE_BYTES,
     MAX_PRODUCERS,
     SequenceGap,
@@ -54,14 +63,16 @@ class GroupReceiver:
     unconsumed. A message counts as consumed when `recv` hands it out. `max_producers` caps the producer
     names it keeps, `max_message_bytes` the size of a message (ZMQ_MAXMSGSIZE). `keys` is a folder from
     `medvl-engine keys` (default: $MEDVL_TRANSPORT_KEYS); CURVE is used as
-    `medvl_engine.transport.keys.use_curve` says (`curve=True/False` forces it). Not thread-safe.
+    `medvl_engine.transport.keys.use_curve` says (`curve=True/False` forces it). `strict=True` (the learner's)
+    ends the session of a connection that breaks the protocol, counts a sequence gap as a violation instead of
+    `on_gap`, and admits only messages with a stream position below the announced window. Not thread-safe.
     """
 
     def __init__(self, endpoint: str, *, credits: int = 32, bind: bool = True,
                  start_seqs: Mapping[str, int] | None = None, on_gap: str = "raise",
                  max_producers: int = MAX_PRODUCERS, max_message_bytes: int = MAX_MESSAGE_BYTES,
                  keys: str | os.PathLike | None = None, curve: bool | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, strict: bool = False) -> None:
         if not isinstance(credits, int) or credits < 1:
             raise ValueError(f"GroupReceiver: credits must be a positive int, got {credits!r}")
         if on_gap not in ("raise", "count"):
@@ -80,6 +91,7 @@ class GroupReceiver:
         self._ack_every = max(1, credits // 4)
         self._start_seqs = dict(start_seqs or {})
         self._on_gap = on_gap
+        self._strict = bool(strict)
         self._max_producers = max_producers
         self._max_message_bytes = max_message_bytes
         self._own_context = context is None
@@ -270,10 +282,16 @@ class GroupReceiver:
                 extra += 1
             self._drop(route, frame, "multipart", f"a message of {1 + extra} frames, expected 1")
             return
+        if route not in self._routes and len(frame.buffer) > MAX_HELLO_BYTES:
+            # Only a Hello is admitted from this connection, and a Hello is small: nothing larger is decoded.
+            self._drop(route, frame, "no_hello", f"a frame of {len(frame.buffer)} bytes before any Hello")
+            return
         try:
             msg = decode(frame.buffer)
         except msgspec.ValidationError as exc:  # msgpack, but not a message of ours (a wrong tag, a wrong type)
-            self._drop(route, frame, "invalid", f"{len(frame.buffer)} bytes: {exc}")
+            # A list, string or bytes field over its wire limit (messages.py) is refused from its header.
+            reason = "oversized" if "of length <=" in str(exc) else "invalid"
+            self._drop(route, frame, reason, f"{len(frame.buffer)} bytes: {exc}")
             return
         except msgspec.DecodeError as exc:
             self._drop(route, frame, "undecodable", f"{len(frame.buffer)} bytes: {exc}")
@@ -291,20 +309,16 @@ class GroupReceiver:
 
     def _drop(self, route: bytes, frame: zmq.Frame | None, reason: str, detail: str) -> None:
         count = self._dropped[reason] = self._dropped.get(reason, 0) + 1
+        state = self._routes.get(route) if self._strict else None
+        if state is not None:
+            end_session(self._routes, self._sessions.get(state.producer), route, state)
+            if not state.route:
+                self._unacked.discard(state.producer)
         if _is_log_count(count):
-            log.warning("GroupReceiver on %s: dropped a frame from %s: %s (%s; %d so far)", self.endpoint,
-                        self._peer(route, frame), detail, reason, count)
-
-    def _peer(self, route: bytes, frame: zmq.Frame | None = None) -> str:
-        """A connection as a log line names it: its routing id and, where libzmq knows it, its address."""
-        address = ""
-        if frame is not None:
-            try:
-                address = frame.get("Peer-Address")
-            except zmq.ZMQError:
-                pass
-        name = route[:80].decode(errors="replace")
-        return f"connection {name!r}" + (f" at {address}" if address else "")
+            # A session is named by its producer (what the learner's logs know it by), a stranger by its connection.
+            log.warning("GroupReceiver on %s: dropped a frame from %s: %s (%s; %d so far)%s", self.endpoint,
+                        f"producer {state.producer!r}" if state else peer_name(route, frame), detail, reason,
+                        count, "; its session ended" if state else "")
 
     def _hello(self, route: bytes, frame: zmq.Frame, hello: Hello) -> None:
         if not hello.producer or len(hello.producer) > _MAX_NAME:
@@ -333,7 +347,7 @@ class GroupReceiver:
                 self._routes.pop(sessions.popleft(), None)
             if state.sessions > 1:
                 log.info("producer %r restarted (pid %d, %s): resumes at %d", hello.producer, hello.pid,
-                         self._peer(route, frame), state.next_seq)
+                         peer_name(route, frame), state.next_seq)
         state.route = route
         state.weight_version = hello.weight_version
         self._send_credit(state)
@@ -387,6 +401,11 @@ class GroupReceiver:
             self._drop(route, frame, "over_credit", f"seq {msg.seq} of producer {state.producer!r}, at or past its "
                                                     f"credit limit {state.granted}")
             return
+        if self._strict:
+            violation = strict_violation(msg, state.next_seq, -1 if self._weights is None else self._weights.window)
+            if violation is not None:
+                self._drop(route, frame, *violation)
+                return
         gap = msg.seq - state.next_seq
         state.lost += gap
         state.next_seq = msg.seq + 1
