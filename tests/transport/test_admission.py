@@ -17,26 +17,11 @@ import time
 import msgspec
 import pytest
 import zmq
-from transport_producer import make_message
+from transport_producer import RawPeer, make_message
 
-from medvl_engine.transport.messages import Credit, Hello, ImageData, RolloutGroup, encode
+from medvl_engine.transport.messages import Credit, ImageData, RolloutGroup, encode
 from medvl_engine.transport.receiver import GroupReceiver
 from medvl_engine.transport.sender import GroupSender
-
-
-class RawPeer:
-    """A hand-driven DEALER that sends exactly the frames a test gives it (a Hello only when asked)."""
-
-    def __init__(self, endpoint: str, producer: str = "", *, hello: bool = False) -> None:
-        self.context = zmq.Context()
-        self.sock = self.context.socket(zmq.DEALER)
-        self.sock.connect(endpoint)
-        if hello:
-            self.sock.send(encode(Hello(producer=producer, pid=os.getpid())))
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.context.term()
 
 
 def big_group(producer: str, seq: int, tokens: int) -> RolloutGroup:

@@ -10,7 +10,6 @@ case once stopped training or cost the learner ~20x a frame's size in memory:
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import time
@@ -18,13 +17,12 @@ import tracemalloc
 
 import msgspec
 import pytest
-import zmq
+from transport_producer import RawPeer
 
 from medvl_engine.trainers.sources import OrderedSource, TransportFeed
 from medvl_engine.transport.messages import (
     MAX_ANSWERS,
     MAX_IMAGES,
-    Hello,
     ImageData,
     RolloutError,
     RolloutGroup,
@@ -44,21 +42,6 @@ def group(producer: str, seq: int, position: int) -> RolloutGroup:
         weight_version=0, answer_label="A", prompt_ids=[1, 2, 3], response_ids=[[4, 5], [6]],
         logprobs=[[-0.5, -0.5], None], texts=["<answer>A</answer>", "B"], finish_reasons=["stop", "stop"],
         rewards=[1.0, 0.0], correct=[True, False], format_ok=[True, True], letters=["A", "B"], position=position)
-
-
-class RawPeer:
-    """A bare DEALER that sends exactly the frames it is given (a Hello only when asked)."""
-
-    def __init__(self, endpoint: str, producer: str = "", *, hello: bool = False) -> None:
-        self.context = zmq.Context()
-        self.sock = self.context.socket(zmq.DEALER)
-        self.sock.connect(endpoint)
-        if hello:
-            self.sock.send(encode(Hello(producer=producer, pid=os.getpid())))
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.context.term()
 
 
 @pytest.fixture

@@ -30,6 +30,21 @@ from medvl_engine.transport.messages import Credit, Hello, RolloutError, Rollout
 from medvl_engine.transport.sender import GroupSender
 
 
+class RawPeer:
+    """A hand-driven DEALER that sends exactly the frames a test gives it (a Hello only when asked)."""
+
+    def __init__(self, endpoint: str, producer: str = "", *, hello: bool = False) -> None:
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.connect(endpoint)
+        if hello:
+            self.sock.send(encode(Hello(producer=producer, pid=os.getpid())))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.context.term()
+
+
 def make_message(producer: str, seq: int) -> RolloutGroup | RolloutError:
     """Position `seq` of `producer`'s stream: a group of 1-8 answers of 0-64 tokens, or now and then an error."""
     rng = np.random.default_rng([zlib.crc32(producer.encode()), seq])
