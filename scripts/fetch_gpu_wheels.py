@@ -154,7 +154,7 @@ def main(argv=None) -> int:
             wheel.unlink()
     if args.twins:
         fetch_twins(args.dest, TWINS)
-    return check_carried_size(args.dest)
+    return check_carried_size(args.dest)[0]
 
 
 def wheel_pins(folder: Path) -> list[str]:
@@ -195,7 +195,8 @@ def tree_bytes() -> int:
     return sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
 
 
-def check_carried_size(wheels_dir: Path, limit_mib: float = CARRY_LIMIT_MIB) -> int:
+def check_carried_size(wheels_dir: Path, limit_mib: float = CARRY_LIMIT_MIB) -> tuple[int, float, float]:
+    """(0 within the limit else 1, the wheels' MiB, wheels and source tree together in MiB), printed."""
     wheels = sorted(wheels_dir.glob("*.whl"))
     wheel_mib = sum(w.stat().st_size for w in wheels) / 2**20
     tree_mib = tree_bytes() / 2**20
@@ -206,8 +207,8 @@ def check_carried_size(wheels_dir: Path, limit_mib: float = CARRY_LIMIT_MIB) -> 
         print(f"over the limit by {total - limit_mib:.1f} MiB: the GPU machine would not take them. Largest: "
               + ", ".join(f"{w.name} {w.stat().st_size / 2**20:.1f} MiB"
                           for w in sorted(wheels, key=lambda w: -w.stat().st_size)[:5]), file=sys.stderr)
-        return 1
-    return 0
+        return 1, wheel_mib, total
+    return 0, wheel_mib, total
 
 
 if __name__ == "__main__":

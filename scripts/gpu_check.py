@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -334,16 +333,22 @@ def run_steps(ctx: Context, names: list[str], steps: dict[str, Step] = STEP_TABL
         if left < 5:
             results.append(StepResult(name, NOT_RUN, note="out of time (--budget)"))
             continue
-        print(f"[gpu-check] {name} (up to {min(step.timeout_s, left):.0f} s)", flush=True)
-        start = time.monotonic()
-        try:
-            result = step.run(ctx, min(step.timeout_s, left))
-        except Exception as error:  # noqa: BLE001 - one broken step must not lose the others' results
-            result = StepResult(name, FAILED, note=f"{type(error).__name__}: {error}")
-        result.seconds = round(time.monotonic() - start, 1)
-        results.append(result)
-        print(f"[gpu-check] {name}: {result.status} in {result.seconds} s {result.note}", flush=True)
+        timeout = min(step.timeout_s, left)
+        print(f"[gpu-check] {name} (up to {timeout:.0f} s)", flush=True)
+        results.append(timed_step(name, lambda s=step, t=timeout: s.run(ctx, t), "gpu-check"))
     return results
+
+
+def timed_step(name: str, run: Callable[[], StepResult], label: str) -> StepResult:
+    """`run()` timed and printed; an exception is the step's failure, never the end of the others."""
+    start = time.monotonic()
+    try:
+        result = run()
+    except Exception as error:  # noqa: BLE001 - one broken step must not lose the others' results
+        result = StepResult(name, FAILED, note=f"{type(error).__name__}: {error}")
+    result.seconds = round(time.monotonic() - start, 1)
+    print(f"[{label}] {name}: {result.status} in {result.seconds} s {result.note}", flush=True)
+    return result
 
 
 # -- goals of the kernels (issue 15), checked on bench_kernels rows -----------------------------------
@@ -402,6 +407,13 @@ def goals(rows: list[dict]) -> list[dict]:
 # -- report -------------------------------------------------------------------------------------------
 
 
+def steps_table(results: list[StepResult], width: int) -> str:
+    """The printed table of steps, each note cut to `width` characters."""
+    steps = [{**dataclasses.asdict(r), "note": r.note if len(r.note) <= width else r.note[:width - 3] + "..."}
+             for r in results]
+    return format_table(steps, ["name", "status", "seconds", "note"])
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
@@ -430,182 +442,6 @@ def write_report(path: Path, info: dict, results: list[StepResult], extra: dict,
     return path
 
 
-# -- the rehearsal: the install and the steps' code, proven on a machine without a GPU ----------------
-
-TWINS = ROOT / ".gpu-wheels-py311"
-GPU_MACHINE = {"python": "3.12", "torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}
-
-
-def _fetch_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fetch_gpu_wheels", ROOT / "scripts" / "fetch_gpu_wheels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _timed(name: str, fn) -> StepResult:
-    start = time.monotonic()
-    try:
-        result = fn()
-    except Exception as error:  # noqa: BLE001 - one broken step must not lose the others' results
-        result = StepResult(name, FAILED, note=f"{type(error).__name__}: {error}")
-    result.seconds = round(time.monotonic() - start, 1)
-    print(f"[rehearse] {name}: {result.status} in {result.seconds} s {result.note}", flush=True)
-    return result
-
-
-def rehearse_resolve(tmp: Path, python: str) -> StepResult:
-    """The carried wheels resolve offline for the GPU machine's interpreter and platform, with its torch,
-    Triton and transformers standing in as installed."""
-    fetch = _fetch_module()
-    stubs = tmp / "present"
-    stubs.mkdir()
-    present = {k: v for k, v in GPU_MACHINE.items() if k != "python"}
-    for name, version in present.items():
-        fetch.stub_wheel(name, version, stubs)
-    constraints = tmp / "present.txt"
-    constraints.write_text("".join(f"{n}=={v}+{fetch.LOCAL_TAG}\n" for n, v in present.items()))
-    report = tmp / "resolve.json"
-    cmd = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index", "-q",
-           "--find-links", str(WHEELS), "--find-links", str(stubs), "-c", str(constraints),
-           "--target", str(tmp / "target"), "--report", str(report), *fetch.target_options(GPU_MACHINE["python"]),
-           "-r", str(REQUIREMENTS), *(f"{n}=={v}+{fetch.LOCAL_TAG}" for n, v in present.items())]
-    code, output, _ = run_command(cmd, 300, _pip_env())
-    if code != 0:
-        return StepResult("resolve", FAILED, note=output[-600:])
-    items = [i["metadata"] for i in json.loads(report.read_text())["install"]]
-    carried = [m for m in items if not m["version"].endswith(f"+{fetch.LOCAL_TAG}")]
-    return StepResult("resolve", PASSED, note=f"{len(carried)} carried packages install on CPython "
-                      f"{GPU_MACHINE['python']} beside torch {present['torch']}, triton {present['triton']}, "
-                      f"transformers {present['transformers']}")
-
-
-def rehearse_size() -> StepResult:
-    fetch = _fetch_module()
-    code = fetch.check_carried_size(WHEELS)
-    wheels = sum(w.stat().st_size for w in WHEELS.glob("*.whl")) / 2**20
-    total = wheels + fetch.tree_bytes() / 2**20
-    note = f"{total:.1f} MiB of {fetch.CARRY_LIMIT_MIB} (wheels {wheels:.1f} MiB)"
-    return StepResult("size", PASSED if code == 0 else FAILED, note=note)
-
-
-def _pip_env() -> dict:
-    # The CPU environment's lock pins transformers 5.25 and triton 3.9: it must not reach these installs.
-    return {k: v for k, v in os.environ.items() if k not in ("PIP_CONSTRAINT", "VIRTUAL_ENV")}
-
-
-def make_venv(venv: Path) -> StepResult:
-    """A throw-away environment of this interpreter, with a current pip (pip 23's `--python-version`
-    resolution checks Requires-Python against the running interpreter instead of the target)."""
-    code, output, _ = run_command([sys.executable, "-m", "venv", str(venv)], 120)
-    if code == 0:
-        code, output, _ = run_command([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-U", "pip"],
-                                      300, _pip_env())
-    if code != 0:
-        return StepResult("venv", FAILED, note=output[-400:])
-    pip_version = run_command([str(venv / "bin" / "python"), "-m", "pip", "--version"], 60)[1].split()[1]
-    return StepResult("venv", PASSED, note=f"python {platform.python_version()}, pip {pip_version}")
-
-
-def rehearse_env(tmp: Path, venv: Path) -> StepResult:
-    """The GPU machine's versions installed from the 3.11 twins, no index, and the project; torch and what it
-    needs (sympy, networkx, jinja2, ... all on the GPU machine beside its torch) from this machine."""
-    env = _pip_env()
-    python = str(venv / "bin" / "python")
-    import importlib.metadata
-
-    torch_version = importlib.metadata.version("torch").split("+")[0] if _has("torch") else "2.13.0"
-    steps = [
-        [python, "-m", "pip", "install", "-q", f"torch=={torch_version}"],
-        [python, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(TWINS), "-r", str(REQUIREMENTS),
-         *(f"{n}=={v}" for n, v in GPU_MACHINE.items() if n not in ("python", "torch")), "scikit-build-core",
-         "pybind11"],
-        [python, "-m", "pip", "install", "-q", "--no-index", "--no-build-isolation", "--no-deps", "-e", str(ROOT)],
-    ]
-    for cmd in steps:
-        code, output, _ = run_command(cmd, 600, env)
-        if code != 0:
-            return StepResult("environment", FAILED, note=" ".join(cmd[3:6]) + ": " + output[-600:])
-    info = probe(python)
-    versions = info.get("versions", {})
-    absent = run_command([python, "-c", "import datasets"], 60)[0] != 0
-    return StepResult("environment", PASSED if absent else FAILED,
-                      note=f"python {info.get('python')}, torch {versions.get('torch')}, "
-                           f"triton {versions.get('triton')}, transformers {versions.get('transformers')}, "
-                           f"deepspeed {versions.get('deepspeed')}; "
-                           + ("no datasets" if absent else "datasets is installed: the carried set must not need it"))
-
-
-def _has(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def rehearse_steps(tmp: Path, venv: Path) -> list[StepResult]:
-    """In the rehearsal environment: gpu-check's compile step, the collection of its CUDA steps, and the
-    learner's CUDA tests run on the CPU (MEDVL_GPU_TESTS_ON_CPU=1)."""
-    python = str(venv / "bin" / "python")
-    results = []
-
-    def compile_step():
-        out = tmp / "compile-run.json"
-        run_command([python, "scripts/gpu_check.py", "--steps", "compile", "--out", str(out)], 400)
-        if not out.exists():
-            return StepResult("compile", FAILED, note="gpu-check wrote no report")
-        step = json.loads(out.read_text())["steps"][0]
-        return StepResult("compile", step["status"], note=step["note"])
-
-    def collect_step():
-        code, output, _ = run_command([python, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
-                                       "-p", "no:cacheprovider", "tests/kernels", "tests/trainers"], 300)
-        tests = [line for line in output.splitlines() if "::" in line]
-        if code != 0 or not tests:
-            return StepResult("collect", FAILED, note=output[-600:])
-        learner = sum("tests/trainers" in t for t in tests)
-        return StepResult("collect", PASSED, note=f"{len(tests)} gpu tests collected ({learner} of the learner)")
-
-    def learner_step():
-        xml = tmp / "learner.xml"
-        env = dict(_pip_env(), MEDVL_GPU_TESTS_ON_CPU="1", OMP_NUM_THREADS="2")
-        code, output, _ = run_command([python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                                       "-o", "junit_family=xunit1", f"--junitxml={xml}",
-                                       "tests/trainers/test_learner_cuda.py"], 900, env)
-        return pytest_verdict("learner-on-cpu", code, parse_junit(xml) if xml.exists() else None, output)
-
-    for name, fn in (("compile", compile_step), ("collect", collect_step), ("learner-on-cpu", learner_step)):
-        results.append(_timed(name, fn))
-    return results
-
-
-def rehearse() -> int:
-    missing = [folder.name for folder in (WHEELS, TWINS) if not any(folder.glob("*.whl"))]
-    if missing:
-        print(f"[rehearse] {' and '.join(missing)} missing: run scripts/fetch-gpu-wheels --twins first "
-              "(on a machine with network)", file=sys.stderr)
-        return 2
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="medvl-gpu-rehearse-") as tmp:
-        tmp = Path(tmp)
-        venv = tmp / "venv"
-        python = str(venv / "bin" / "python")
-        results = [_timed("venv", lambda: make_venv(venv))]
-        if results[-1].status == PASSED:
-            results += [_timed("resolve", lambda: rehearse_resolve(tmp, python)), _timed("size", rehearse_size),
-                        _timed("environment", lambda: rehearse_env(tmp, venv))]
-        if results[-1].status == PASSED:
-            results += rehearse_steps(tmp, venv)
-    print(f"\ngpu-check --rehearse, {time.monotonic() - start:.0f} s")
-    steps = [{**dataclasses.asdict(r), "note": r.note if len(r.note) <= 150 else r.note[:147] + "..."}
-             for r in results]
-    print(format_table(steps, ["name", "status", "seconds", "note"]))
-    bad = [f"{r.name} {r.status}" for r in results if r.status != PASSED]
-    print("rehearsal: FAILED: " + ", ".join(bad) if bad else "rehearsal: passed")
-    return 1 if bad else 0
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", nargs="+", default=list(STEPS), metavar="STEP",
@@ -626,6 +462,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.rehearse:
+        # The rehearsal imports this module by name: run as a script, this is it, not a second copy.
+        sys.modules.setdefault("gpu_check", sys.modules[__name__])
+        from gpu_rehearse import rehearse
+
         return rehearse()
     start = time.monotonic()
     date = datetime.now(UTC)
@@ -646,9 +486,7 @@ def main(argv=None) -> int:
     print(f"gpu-check on {info.get('device')} ({info.get('capability', '-')}, driver {info.get('driver', '-')}), "
           f"torch {info['versions'].get('torch', '-')}, triton {info['versions'].get('triton', '-')}, "
           f"commit {git_commit()}, {time.monotonic() - start:.0f} s")
-    steps = [{**dataclasses.asdict(r), "note": r.note if len(r.note) <= 110 else r.note[:107] + "..."}
-             for r in results]
-    print(format_table(steps, ["name", "status", "seconds", "note"]))
+    print(steps_table(results, 110))
     if ctx.report.get("goals"):
         print()
         print(format_table(ctx.report["goals"], ["goal", "measured", "unit", "met"]))

@@ -234,9 +234,9 @@ def test_requirements_and_target_options():
 def test_the_carried_size_is_checked_against_the_machines_limit(tmp_path, capsys):
     (tmp_path / "big-1.0-py3-none-any.whl").write_bytes(b"x" * 2**20)
     tree = fetch_gpu_wheels.tree_bytes() / 2**20
-    assert fetch_gpu_wheels.check_carried_size(tmp_path, limit_mib=tree + 2) == 0
+    assert fetch_gpu_wheels.check_carried_size(tmp_path, limit_mib=tree + 2)[0] == 0
     assert "1.0 MiB" in capsys.readouterr().out
-    assert fetch_gpu_wheels.check_carried_size(tmp_path, limit_mib=tree + 0.5) == 1
+    assert fetch_gpu_wheels.check_carried_size(tmp_path, limit_mib=tree + 0.5)[0] == 1
     assert "over the limit" in capsys.readouterr().err and fetch_gpu_wheels.CARRY_LIMIT_MIB == 64
 
 
