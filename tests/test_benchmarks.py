@@ -53,6 +53,8 @@ SMALL = {
     "learner": Benchmark("bench_learner.py", ("--vocab", "512", "--layers", "1", "--prompt", "8", "--answers", "8",
                                               "4", "--repeats", "1", "--entropy", "off", "--threads", "1"),
                          (), (), needs=("deepspeed",), extra="train"),
+    # The soak at the issue's size (30 steps): ~1 min on 2 cores.
+    "soak": Benchmark("bench_soak.py", ("--steps", "30"), (), (), needs=("deepspeed",), extra="train"),
     "passrate": Benchmark("bench_passrate.py", ("--questions", "1", "--n", "2", "--max-new-tokens", "4",
                                                 "--max-batch", "2", "--repeats", "1", "--threads", "1"), (), ()),
 }
@@ -109,7 +111,7 @@ def rows_of(started: dict, name: str, *, table: str) -> list[dict]:
 def test_every_benchmark_script_is_run_by_a_test():
     scripts = {p.name for p in FOLDER.glob("*.py")}
     here = {benchmark(name).script for name in ("build_data", "kernels", "learner", "passrate", "rollout",
-                                                "weight_sync")}
+                                                "soak", "weight_sync")}
     assert scripts == here | RUN_BY_TEST_BENCH
     assert {b.script for b in BENCHMARKS.values()} <= scripts
 
@@ -158,3 +160,16 @@ def test_weight_sync(started):
     rows = rows_of(started, "weight_sync", table="path")
     assert [r["path"] for r in rows] == ["gather", "memory", "disk"]
     assert all(r["seconds"] > 0 and r["weights_mb"] > 0 for r in rows)
+
+
+def test_soak(started):
+    """2 workers and the learner for 30 steps beside an attacker process: every step done, the same rollouts as
+    the quiet run, the learner's peak RSS within 10% of the quiet run's, and the attacks seen and dropped."""
+    rows = rows_of(started, "soak", table="run")
+    runs = {r["run"]: r for r in rows if r["run"] != "per_step"}
+    assert set(runs) == {"quiet", "attacked"} and all(r["steps"] == 30 for r in runs.values())
+    assert runs["attacked"]["rollouts_equal_quiet"] and runs["attacked"]["restarts"] == 0
+    assert runs["attacked"]["rss_peak_vs_quiet"] <= 1.10
+    assert runs["quiet"]["dropped_total"] == 0 and runs["attacked"]["dropped_total"] > 0
+    assert runs["attacked"]["drop_wrong_key"] > 0 and runs["attacked"]["drop_no_hello"] > 0
+    assert len([r for r in rows if r["run"] == "per_step"]) == 30

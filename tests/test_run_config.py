@@ -186,6 +186,7 @@ def test_grpo_rejects_combinations_that_cannot_work_naming_the_key(data, key):
     ("passrate", {"rollout": {"temperature": 0.0, "n": 1}}, "rollout.temperature"),
     ("rollout-worker", {"rollout": {"temperature": 0.0, "n": 1}}, "rollout.temperature"),
     ("rollout-worker", {"shard_index": 2, "num_shards": 2}, "shard_index"),
+    ("rollout-worker", {"rollout": {"top_p": 0.9}}, "rollout.top_p"),
     ("rollout-worker", {"connect": ""}, "connect"),
 ])
 def test_other_commands_reject_what_cannot_work_naming_the_key(command, data, key):

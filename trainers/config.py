@@ -123,11 +123,25 @@ class TransportConfig:
         "gloo", "weight_sync=distributed: the weight group's torch.distributed backend; gloo: any device (GPU "
         "tensors pass through host memory); nccl: GPU to GPU, every rank on a GPU of its own (the learner's rank 0 "
         "and the workers' engines must not share one: NCCL refuses two ranks on one device)")
-    keys: str = param("", "folder of the run's CURVE keys (`medvl-engine keys DIR`; empty: $MEDVL_TRANSPORT_KEYS); "
-                      "needed on tcp addresses other hosts can reach")
+    keys: str = param("", "folder of the run's CURVE keys (`medvl-engine keys DIR --workers N`; empty: "
+                      "$MEDVL_TRANSPORT_KEYS): every tcp endpoint needs them, loopback included")
+    insecure: bool = param(False, "UNSAFE: tcp without CURVE keys: any process that reaches the port (on loopback: "
+                           "any local user's) is let in and may speak for any worker; ipc needs no keys (its "
+                           "socket file is owner-only)")
+    shards: int = param(0, "rollout workers the prompt stream is split between, rollout-0 ... rollout-{N-1}, worker "
+                        "K answering positions K mod N (0: transport.workers, at least 1); set it for workers "
+                        "started apart (transport.workers 0)")
+    liveness_timeout_s: float = param(60.0, "a worker this learner started whose heartbeats (every 2 s) stop this "
+                                      "long (a stopped or hung process) is killed and restarted")
+    max_restarts: int = param(3, "restarts of each worker this learner started before the run stops, naming it")
 
     def __post_init__(self):
-        check_at_least("transport", self, 0, "workers", "credits")
+        check_at_least("transport", self, 0, "workers", "credits", "shards", "max_restarts")
+        if not self.liveness_timeout_s > 0:
+            raise ConfigError(f"transport.liveness_timeout_s: must be > 0, got {self.liveness_timeout_s}")
+        if self.workers and self.shards and self.shards != self.workers:
+            raise ConfigError(f"transport.shards={self.shards}: the {self.workers} workers this learner starts are "
+                              "the shards (set shards only with transport.workers 0)")
         if self.sync_bucket_mb < 1:
             raise ConfigError(f"transport.sync_bucket_mb: must be >= 1, got {self.sync_bucket_mb}")
         if not 0 <= self.sync_port <= 65535:
@@ -158,6 +172,10 @@ class TransportConfig:
     @property
     def colocated(self) -> bool:
         return not self.endpoint
+
+    @property
+    def num_shards(self) -> int:
+        return self.shards or max(self.workers, 1)
 
     @property
     def sync_kind(self) -> str:
@@ -345,6 +363,7 @@ class GRPOConfig(TrainingRun):
         if self.steps < 1:
             raise ConfigError(f"steps: must be >= 1, got {self.steps}")
         self.rollout.require_sampling("GRPO's n answers per question would be equal and give no advantage")
+        self.rollout.require_full_distribution("GRPO trains on the sampled answers")
         if self.rollout.n < 2:
             raise ConfigError(f"rollout.n={self.rollout.n}: the advantage of a group of one answer is always 0; "
                               "GRPO needs rollout.n >= 2")

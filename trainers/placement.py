@@ -52,8 +52,12 @@ def build_transport_feed(cfg: GRPOConfig, state: dict | None):
     from medvl_engine.transport.receiver import GroupReceiver
 
     t = cfg.transport
+    # The learner assigns the shards: producer id rollout-K (its key's name on tcp) has shard K, and only those ids
+    # get in, with their own positions.
+    shards = {run_folder.rollout_worker_name(k): (k, t.num_shards) for k in range(t.num_shards)}
     receiver = GroupReceiver(t.endpoint, credits=t.credits or cfg.algo.prompts_per_step,
-                             start_seqs=state["seqs"] if state else None, keys=t.keys or None, strict=True)
+                             start_seqs=state["seqs"] if state else None, keys=t.keys or None, insecure=t.insecure,
+                             shards=shards, max_message_bytes=max_message_bytes(cfg), strict=True)
     endpoint = receiver.endpoint.replace("0.0.0.0", "127.0.0.1")
     run_dir = Path(cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,10 +70,27 @@ def build_transport_feed(cfg: GRPOConfig, state: dict | None):
         path = config_lib.save(worker_config(cfg, endpoint, shard=i, group=group),
                                run_folder.rollout_config(run_dir, i))
         # A worker of a torch.distributed weight group cannot rejoin it: its death ends the run, with its log.
-        restarts = {"max_restarts": 0} if group else {}
         workers.append(WorkerProcess(["--config", str(path)], log_path=run_folder.rollout_log(run_dir, i),
-                                     name=run_folder.rollout_worker_name(i), **restarts))
-    return TransportFeed(receiver, workers, weight_group=group)
+                                     name=run_folder.rollout_worker_name(i),
+                                     max_restarts=0 if group else t.max_restarts))
+    return TransportFeed(receiver, workers, weight_group=group, liveness_timeout_s=t.liveness_timeout_s)
+
+
+# What one group may carry besides its token buffers: its prompt's images as raw pixels (5 images of
+# 2048 x 2048 RGB), a decoded answer's characters per token (UTF-8 text of 4-character tokens is ~4-16 B).
+IMAGE_BYTES_PER_GROUP = 64 << 20
+TEXT_BYTES_PER_TOKEN = 16
+MESSAGE_OVERHEAD = 1 << 20  # ids, labels, rewards, per-answer headers
+
+
+def max_message_bytes(cfg: GRPOConfig) -> int:
+    """The largest RolloutGroup the learner reads, from the run's settings (not the transport's 256 MiB): n answers
+    of rollout.max_response_tokens (int32 id, float32 log-prob and text per token), a prompt of
+    rollout.max_prompt_tokens, and its images. A worker turns a larger group into a RolloutError for its prompt.
+    n=8 answers of 4096 tokens with 2048 prompt tokens: 65 MiB + 1.8 MiB."""
+    rollout = cfg.rollout
+    tokens = rollout.n * rollout.max_response_tokens * (4 + 4 + TEXT_BYTES_PER_TOKEN) + 4 * rollout.max_prompt_tokens
+    return tokens + IMAGE_BYTES_PER_GROUP + MESSAGE_OVERHEAD
 
 
 def weight_group(cfg: GRPOConfig) -> dict | None:
@@ -98,8 +119,8 @@ def worker_config(cfg: GRPOConfig, endpoint: str, *, shard: int = 0, group: dict
 
     return WorkerConfig(model=resolve_model_path(cfg.model.path), connect=endpoint,
                         producer_id=run_folder.rollout_worker_name(shard), shard_index=shard,
-                        num_shards=max(cfg.transport.workers, 1), data=cfg.data, rollout=cfg.rollout,
-                        keys=cfg.transport.keys, **_sync_fields(group, shard))
+                        num_shards=cfg.transport.num_shards, data=cfg.data, rollout=cfg.rollout,
+                        keys=cfg.transport.keys, insecure=cfg.transport.insecure, **_sync_fields(group, shard))
 
 
 def _sync_fields(group: dict | None, shard: int) -> dict:

@@ -134,9 +134,11 @@ class TransportFeed:
     """Rollout workers' groups over ZeroMQ (`GroupReceiver`), and the worker processes this learner started."""
 
     def __init__(self, receiver, workers: list | None = None, *, producers: list[str] | None = None,
-                 weight_group: dict | None = None):
+                 weight_group: dict | None = None, liveness_timeout_s: float = 60.0):
         self.receiver = receiver
         self.workers = list(workers or [])
+        self.liveness_timeout_s = liveness_timeout_s
+        self.liveness_kills = 0
         # The workers' producer ids (a weight push over torch.distributed waits for each of them).
         self.producers = list(producers) if producers is not None else [w.name for w in self.workers]
         # transport.weight_sync distributed: where the workers' torch.distributed weight group meets
@@ -170,8 +172,24 @@ class TransportFeed:
         pass  # workers resume from the sequence numbers the receiver was started with
 
     def check(self) -> None:
+        """Watch the workers this learner started: a dead one is restarted (or the run stops with its log tail,
+        `WorkerDied`, past its restarts); a live one whose heartbeats stopped for `liveness_timeout_s` after it
+        said Hello (a stopped or hung process) is killed, and restarted at the next look. A restart regenerates
+        its positions from where the learner stands, with the same seeds."""
+        if not self.workers:
+            return
+        self.receiver.read_queued()  # heartbeats that waited while the learner trained
+        now = time.monotonic()
         for worker in self.workers:
-            worker.poll()  # restarts a dead worker or raises WorkerDied with its log tail
+            if worker.poll() is not None:
+                continue
+            seen = self.receiver.last_seen(worker.name)
+            if seen > worker.started and now - seen > self.liveness_timeout_s:
+                self.liveness_kills += 1
+                log.warning("%s (pid %s) sent nothing for %.0f s (transport.liveness_timeout_s %g): killing it for a "
+                            "restart", worker.name, worker.pid, now - seen, self.liveness_timeout_s)
+                worker.kill()
+                worker.poll()
 
     def release_memory(self) -> None:
         pass  # the workers' engines have accelerators of their own
@@ -179,10 +197,11 @@ class TransportFeed:
     def resume_memory(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, reason: str = "") -> None:
+        # The Stop first: every worker, started here or by hand, exits by itself; then ours are made sure of.
+        self.receiver.close(reason)
         for worker in self.workers:
             worker.stop()
-        self.receiver.close()
 
 
 class OrderedSource:
@@ -269,10 +288,16 @@ class OrderedSource:
 
     def _take(self, position: int) -> RolloutGroup | RolloutError:
         deadline = time.monotonic() + self.timeout
+        checked = time.monotonic()
         while position not in self._buffer:
+            if time.monotonic() - checked >= 1.0:
+                # The workers are watched every second even while others keep the socket busy.
+                checked = time.monotonic()
+                self.feed.check()
             try:
                 msg = self.feed.recv(timeout=1.0)
             except TimeoutError:
+                checked = time.monotonic()
                 self.feed.check()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no rollout group for stream position {position} in {self.timeout:.0f} s") \

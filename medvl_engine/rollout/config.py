@@ -112,9 +112,30 @@ class RolloutConfig:
         if self.greedy:
             raise ConfigError(f"rollout.temperature 0 (greedy): {why}; sample (temperature > 0)")
 
+    def require_full_distribution(self, why: str) -> None:
+        """The one refusal of top-p/top-k where answers are trained on (GRPO and its rollout workers).
+
+        The learner takes the sampled tokens as drawn from its policy, `softmax(logits / T)` over the whole
+        vocabulary, and recomputes their log-probs that way; a truncated draw is another distribution, and
+        the engines' log-probs of it disagree with the learner's (vLLM's processed log-probs renormalise
+        over the kept tokens; the hf sampler's are the untruncated ones). Making it exact means the learner
+        renormalising over the engine's kept set, which it cannot rebuild from bf16 logits that differ from
+        the engine's. Eval, pass-rate and data building keep top_p/top_k."""
+        cut = [f"rollout.{key} {value}" for key, value, off in (("top_p", self.top_p, 1.0), ("top_k", self.top_k, -1))
+               if value != off]
+        if cut:
+            raise ConfigError(f"{', '.join(cut)}: {why}, but truncated sampling draws from another distribution "
+                              "than the learner's full-vocabulary log_softmax(logits / T) (its log-probs and the "
+                              "engine's would differ); set rollout.top_p 1 and rollout.top_k -1")
+
     def sampling_params(self, *, logprobs: bool):
-        """The SamplingParams every request shares; each request brings its own seed (the prompt stream's)."""
+        """The SamplingParams every request shares; each request brings its own seed (the prompt stream's).
+        `logprobs` asks for the engine's log-probs of the sampled tokens, which only training uses: it
+        refuses top-p/top-k (`require_full_distribution`), also for a caller whose config did not."""
         from medvl_engine.rollout.types import SamplingParams
+
+        if logprobs:
+            self.require_full_distribution("answers with log-probs are trained on")
 
         return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_new_tokens=self.max_response_tokens, return_logprobs=logprobs)

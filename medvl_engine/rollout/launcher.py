@@ -56,6 +56,7 @@ class WorkerProcess:
         self.log_path = Path(log_path) if log_path is not None else Path(
             tempfile.mkstemp(prefix=f"medvl-{name}-", suffix=".log")[1])
         self.restarts = 0
+        self.started = 0.0  # time.monotonic() of the current process's start
         self.exit_codes: list[int] = []
         self._process: subprocess.Popen | None = None
         self._log = None
@@ -70,7 +71,11 @@ class WorkerProcess:
         self._close_log()
         self._log = self.log_path.open("ab")
         env = {**CHILD_ENV_DEFAULTS, **os.environ, **(self.env or {})}
-        self._process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # A session of its own: Ctrl-C at the learner's terminal reaches the learner, which stops its workers
+        # after saving, not the workers too (which would exit and be restarted meanwhile).
+        self._process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        self.started = time.monotonic()
 
     def poll(self) -> int | None:
         """None while running; 0 once it finished cleanly. A failed exit restarts it, or raises WorkerDied."""

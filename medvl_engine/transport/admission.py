@@ -1,6 +1,6 @@
-"""Who gets into the receiver at the door: the ZAP callback that lets a CURVE handshake finish only for
-the holders of the run's client key, the throttle that logs refusals the 1st, 10th, 100th ... time, and
-what the receiver keeps of each producer it let in (`ProducerStats`, `ReceiverStats`).
+"""Who gets into the receiver at the door: the ZAP side that lets a CURVE handshake finish only for the holder
+of a producer's key (and tags its frames with that producer's id), the throttle that logs refusals the 1st,
+10th, 100th ... time, and what the receiver keeps of each producer it let in (`ProducerStats`, `ReceiverStats`).
 
 What the receiver admits frame by frame (a Hello first, one producer per connection, within its credit)
 is `GroupReceiver`'s, in `receiver.py`; `protocol.py` documents it."""
@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils import z85
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class ProducerStats:
     pending_acks: int = 0
     granted: int = 0  # the limit the last Credit gave: the producer may send sequence numbers below it
     weight_version: int = 0  # the policy version its engine runs, as its Hello or its last WeightsLoaded said
+    last_seen: float = 0.0  # time.monotonic() of its last frame the receiver accepted (a Heartbeat at the least)
     route: bytes = field(default=b"", repr=False)
 
 
@@ -44,23 +46,28 @@ class ReceiverStats:
     dropped: dict[str, int] = field(default_factory=dict)  # frames refused, per reason (see protocol.py's docstring)
 
 
-class _ClientKeyCheck:
-    """The ZAP callback of a CURVE receiver (called in pyzmq's authenticator thread): only connections that
-    hold the producers' key pair get in."""
+class _ProducerKeys:
+    """The ZAP side of a CURVE receiver (called in pyzmq's authenticator thread): only connections with a
+    producer's public key get in, and their frames carry that key's producer id as their User-Id."""
 
-    def __init__(self, client_public: bytes, endpoint: str) -> None:
-        self.client_public = client_public
+    def __init__(self, producers: dict[bytes, str], endpoint: str) -> None:
+        self.producers = producers  # z85 public key -> producer id
         self.endpoint = endpoint
         self.refused = 0
 
     def callback(self, domain: str, key: bytes) -> bool:
-        if key == self.client_public:
+        if key in self.producers:
             return True
         self.refused += 1
         if _is_log_count(self.refused):
-            log.warning("GroupReceiver on %s: refused a CURVE handshake with unknown client key %s (%d so far)",
-                        self.endpoint, key.decode(errors="replace"), self.refused)
+            # Not the key itself: logs are read by more people than the key folder is.
+            log.warning("GroupReceiver on %s: refused a CURVE handshake with a key that is no producer's "
+                        "(%d so far)", self.endpoint, self.refused)
         return False
+
+    def user_id(self, key: bytes) -> str:
+        """The User-Id libzmq attaches to every frame of an admitted connection: its producer id."""
+        return self.producers[z85.encode(key)]
 
 
 def _is_log_count(count: int) -> bool:
@@ -97,13 +104,15 @@ def strict_violation(msg, next_seq: int, window: int) -> tuple[str, str] | None:
     return None
 
 
-def peer_name(route: bytes, frame: zmq.Frame | None = None) -> str:
-    """A connection as a log line names it: its routing id and, where libzmq knows it, its address."""
-    address = ""
-    if frame is not None:
+def peer_name(frame: zmq.Frame | None = None) -> str:
+    """A connection as a log line names it: its address and its key's producer id where libzmq knows them.
+    Never its routing id, which ROUTER_HANDOVER trusts: a log reader could take the connection over with it."""
+    parts = []
+    for prop, label in (("Peer-Address", "at"), ("User-Id", "with the key of")):
         try:
-            address = frame.get("Peer-Address")
+            value = frame.get(prop) if frame is not None else ""
         except zmq.ZMQError:
-            pass
-    name = route[:80].decode(errors="replace")
-    return f"connection {name!r}" + (f" at {address}" if address else "")
+            value = ""
+        if value:
+            parts.append(f"{label} {value}")
+    return "a connection" + (" " + " ".join(parts) if parts else "")

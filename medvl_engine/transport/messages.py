@@ -8,7 +8,8 @@ Flow: a producer (rollout worker) sends `Hello`; the consumer answers with `Cred
 groups it may send, and the sequence number it expects next, so a restarted producer resumes where
 the consumer is); the producer sends `RolloutGroup`s and `RolloutError`s numbered by `seq`;
 `WeightVersion` announces new policy weights from the learner to the workers (a worker that received them
-over torch.distributed answers `WeightsLoaded`); a closing producer sends
+over torch.distributed answers `WeightsLoaded`); a producer sends a `Heartbeat` every few seconds; the
+consumer ends a producer's session with `Stop`; a closing producer sends
 `Goodbye` and waits for the Credit that answers it, whose `next_seq` says everything arrived.
 """
 
@@ -72,6 +73,10 @@ class Credit(msgspec.Struct, tag="credit"):
     consumer_version: int = 0
     window: int = 0
     max_message_bytes: int = 0  # the largest message the consumer reads (0: not said); a larger one is refused
+    # The share of the prompt stream the consumer assigned to this producer (num_shards 0: none assigned):
+    # it accepts only stream positions k = shard mod num_shards, at sequence number (k - shard) / num_shards.
+    shard: int = 0
+    num_shards: int = 0
 
 
 class Goodbye(msgspec.Struct, tag="goodbye"):
@@ -81,6 +86,23 @@ class Goodbye(msgspec.Struct, tag="goodbye"):
     held of the stream (~17 groups of 150 KB were lost that way on loopback)."""
 
     producer: Name
+
+
+class Heartbeat(msgspec.Struct, tag="alive"):
+    """Producer -> consumer, every few seconds: the producer's process runs (a learner that started it kills
+    and restarts it when its heartbeats stop: a stopped or hung process). No sequence number, no credit."""
+
+    producer: Name
+
+
+class Stop(msgspec.Struct, tag="stop"):
+    """Consumer -> producer: this session is over. `finished`: the run ended, the producer exits 0;
+    `session_ended`: the producer broke the protocol (its `reason` says how) and a new process of it resumes
+    where the consumer stands; `unknown_producer`: the consumer has no shard for this producer id."""
+
+    producer: Name
+    kind: Word
+    reason: Label = ""
 
 
 class WeightBucket(msgspec.Struct):
@@ -135,7 +157,11 @@ class ImageData(msgspec.Struct):
     @classmethod
     def from_pil(cls, image) -> ImageData:
         if image.mode not in ("RGB", "L", "RGBA", "I;16"):
-            image = image.convert("RGB")
+            # LA, P (with transparency), CMYK ...: the processors' one RGB rule (alpha on white), never PIL's
+            # convert("RGB"), which drops alpha: the learner must see the pixels the engine saw.
+            from medvl_engine.vision import model_rgb
+
+            image = model_rgb(image)
         return cls(mode=image.mode, width=image.width, height=image.height, data=image.tobytes())
 
     def to_pil(self):
@@ -298,7 +324,8 @@ def _buffer(values, dtype) -> bytes:
     return np.ascontiguousarray(np.asarray(values), dtype=dtype).tobytes()
 
 
-Message = Hello | Credit | Goodbye | WeightVersion | WeightsLoaded | RolloutError | RolloutGroup
+Message = (Hello | Credit | Goodbye | WeightVersion | WeightsLoaded | Heartbeat | Stop | RolloutError
+           | RolloutGroup)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

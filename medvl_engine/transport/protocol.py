@@ -16,9 +16,11 @@ Protocol (messages in `medvl_engine.transport.messages`):
    random bits per process, chosen by the sender) to the producer: from then on every frame of that
    connection is that producer's, and a frame whose body names another producer is dropped. Nothing is
    accepted from a connection before its Hello.
-2. The receiver answers `Credit(producer, credits, next_seq, consumer_version, window, max_message_bytes)`:
-   `next_seq` is the first sequence number of this producer it has not received, and the producer may send
-   sequence numbers below `next_seq + credits`; then the latest `WeightVersion`, if one was announced.
+2. The receiver answers `Credit(producer, credits, next_seq, consumer_version, window, max_message_bytes,
+   shard, num_shards)`: `next_seq` is the first sequence number of this producer it has not received, and the
+   producer may send sequence numbers below `next_seq + credits`; `shard` of `num_shards` is the share of the
+   stream the receiver assigned to this producer id (a learner assigns `rollout-K` shard K: positions
+   K mod N, position `seq * N + K`); then the latest `WeightVersion`, if one was announced.
 3. The sender numbers its messages 0, 1, 2, ... per producer (`RolloutGroup` and `RolloutError` alike)
    and never goes past its limit, so at most `window` (the receiver's `credits=`) of its messages are in
    transit or waiting unconsumed in the receiver: a slow learner bounds the workers' memory.
@@ -29,15 +31,25 @@ Protocol (messages in `medvl_engine.transport.messages`):
 5. Weights pushed over torch.distributed (`transport.weight_sync distributed`): the `WeightVersion` names
    the buckets; a sender whose engine received them answers `WeightsLoaded(producer, version)` (no
    sequence number, no credit), and `GroupReceiver.wait_for` waits for it.
-6. A closing sender sends `Goodbye`, and the receiver answers with a Credit whose `next_seq` says how
+6. A sender sends a `Heartbeat` every few seconds (no sequence number, no credit): a learner that started
+   the producer's process kills and restarts it when they stop (a stopped or hung process).
+7. The receiver ends a session with `Stop(kind, reason)`: `finished` when it closes (the run is over: a
+   worker started by hand exits 0), `session_ended` after a protocol violation (the process exits for a
+   restart, which resumes where the receiver stands), `unknown_producer` for an id it assigned no shard. A
+   sender reads it as `Stopped`. A sender whose connection has been down for a while (the receiver's process
+   is gone) sees it in `receiver_down_s`, and a rollout worker exits after its `learner_timeout_s`.
+8. A closing sender sends `Goodbye`, and the receiver answers with a Credit whose `next_seq` says how
    much of the stream arrived; the sender closes once it is all there (or `linger_s` has passed).
 
 Admission: the receiver outlives any peer. A frame that is not one message (`multipart`), not msgpack
 (`undecodable`), not a message of ours or of impossible shape (`invalid`), a Credit or WeightVersion
 (`unexpected_type`), from a connection that never said Hello (`no_hello`), naming another producer than its
-connection's (`wrong_producer`), at or past the producer's credit limit (`over_credit`), or a Hello of a new
-producer past `max_producers` (`too_many_producers`) is dropped, counted in `stats.dropped[reason]` and
-logged with the peer (the 1st, 10th, 100th ... of each reason), and the stream goes on. Nothing but a Hello
+connection's (`wrong_producer`), at or past the producer's credit limit (`over_credit`), a Hello of a new
+producer past `max_producers` (`too_many_producers`) or of an id without a shard (`unknown_producer`), a frame
+whose CURVE key belongs to another producer than it speaks for (`wrong_key`), or a message at a position
+outside its producer's shard (`wrong_shard`) is dropped, counted in `stats.dropped[reason]` and logged with
+the peer (its producer, or its address and key's producer id; never its routing id, which ROUTER_HANDOVER
+trusts, nor a key; the 1st, 10th, 100th ... of each reason), and the stream goes on. Nothing but a Hello
 is decoded from a connection before its Hello: a larger frame (`MAX_HELLO_BYTES`) is dropped as `no_hello`
 unread. Every list, string and bytes field has a wire limit (`messages.py`) that msgspec checks from the
 field's header while decoding (`oversized`). A strict receiver (`strict=True`, the learner's) also ends
@@ -49,15 +61,19 @@ producer's name), refuses a message past a sequence gap (`sequence_gap`), one wi
 
 Memory: a producer's messages are accepted only below its credit limit, so at most `credits` of them wait
 here unconsumed; libzmq reads at most `credits + 16` more from one connection (RCVHWM) before it stops
-reading it (TCP then throttles the sender). Each message is at most `max_message_bytes`, and there are at
-most `max_producers` producers (and `_MAX_SESSIONS` remembered connections each).
+reading it (TCP then throttles the sender). Each message is at most `max_message_bytes` (the learner derives
+it from the run's settings: `trainers.placement.max_message_bytes`), and there are at most `max_producers`
+producers (with `shards`: exactly those ids) and `_MAX_SESSIONS` remembered connections each. A strict
+receiver admits only positions below the learner's window, so the learner's reorder buffer holds no more.
 
-Security: an `ipc://` socket file is created owner-only (0600): only this user's processes connect. A
-`tcp://` endpoint other hosts can reach uses ZeroMQ CURVE (`medvl_engine.transport.keys`): the connection
-is encrypted and only peers that hold the run's keys finish the handshake, so a stranger's frame never
-arrives. Loopback tcp is unauthenticated unless given keys. A peer that can connect and says Hello under a
-live producer's name is taken for that producer's restart (below): the keys and the socket's permissions
-are what keep strangers out; admission bounds what an authenticated peer's mistakes can cost.
+Security: identity is a key, not a name. Every `tcp://` endpoint, loopback included (any local user's
+process reaches it), uses ZeroMQ CURVE (`medvl_engine.transport.keys`) unless the run says `insecure`: the
+connection is encrypted, only holders of a producer's key pair finish the handshake (a stranger's frame
+never arrives), and each key may speak only as its own producer id (the ZAP User-Id on every frame): a Hello
+as another id, a live producer's "restart" included, is refused (`wrong_key`). An `ipc://` socket file is
+created owner-only (0600): its trust boundary is the OS user, whose processes may say Hello as any producer
+(one node, one user). The learner assigns shards to ids; two live producers never hold one shard (one live
+session per id). Admission bounds what an authenticated peer's mistakes can cost.
 
 Sequence numbers: the receiver delivers, per producer, 0, 1, 2, ... in order and each once. A message
 below the expected number is a duplicate: dropped and counted (`stats.duplicates`). A message above it
@@ -77,13 +93,13 @@ the other is dropped as a duplicate, so nothing is lost or delivered twice. One 
 `start_seqs=` (saved from `receiver.positions()`), and the producers are restarted so they ask again.
 
 Usage:
-    # learner (keys from `medvl-engine keys DIR`, the same folder on every node)
-    receiver = GroupReceiver("tcp://0.0.0.0:5555", credits=32, keys="DIR")
+    # learner (keys from `medvl-engine keys DIR --workers 2`)
+    receiver = GroupReceiver("tcp://0.0.0.0:5555", credits=32, keys="DIR", shards={"rollout-0": (0, 2), ...})
     for msg in receiver:            # RolloutGroup | RolloutError, per producer in sequence order
         ...
         receiver.announce(WeightVersion(version=3, path="/ckpt/step3"))
     # rollout worker
-    sender = GroupSender("tcp://learner:5555", "worker-0", keys="DIR")
+    sender = GroupSender("tcp://learner:5555", "rollout-0", keys="DIR")   # uses DIR/rollout-0.key_secret
     position = sender.handshake()   # regenerate the prompt stream from this position
     sender.send(group)              # group.seq = AUTO_SEQ (-1) or the position it was made for
     update = sender.poll_weight_version()   # or GroupSender(..., on_weights=callback)

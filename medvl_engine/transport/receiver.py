@@ -18,8 +18,8 @@ from medvl_engine.profiling import stage
 from medvl_engine.transport.admission import (
     ProducerStats,
     ReceiverStats,
-    _ClientKeyCheck,
     _is_log_count,
+    _ProducerKeys,
     end_session,
     peer_name,
     strict_violation,
@@ -28,9 +28,11 @@ from medvl_engine.transport.keys import curve_folder, load_server_keys
 from medvl_engine.transport.messages import (
     Credit,
     Goodbye,
+    Heartbeat,
     Hello,
     RolloutError,
     RolloutGroup,
+    Stop,
     WeightsLoaded,
     WeightVersion,
     decode,
@@ -62,16 +64,19 @@ class GroupReceiver:
     `credits` is the grant per producer: how many of its messages may be in transit or waiting here
     unconsumed. A message counts as consumed when `recv` hands it out. `max_producers` caps the producer
     names it keeps, `max_message_bytes` the size of a message (ZMQ_MAXMSGSIZE). `keys` is a folder from
-    `medvl-engine keys` (default: $MEDVL_TRANSPORT_KEYS); CURVE is used as
-    `medvl_engine.transport.keys.use_curve` says (`curve=True/False` forces it). `strict=True` (the learner's)
-    ends the session of a connection that breaks the protocol, counts a sequence gap as a violation instead of
-    `on_gap`, and admits only messages with a stream position below the announced window. Not thread-safe.
+    `medvl-engine keys` (default: $MEDVL_TRANSPORT_KEYS); CURVE is used on every network endpoint unless
+    `insecure` (`medvl_engine.transport.keys.use_curve`), and a frame is then its key's producer's only.
+    `shards` assigns each producer id its share of the stream, `(shard, num_shards)`: only those ids get in,
+    and only with their positions. `strict=True` (the learner's) ends the session of a connection that breaks
+    the protocol, counts a sequence gap as a violation instead of `on_gap`, and admits only messages with a
+    stream position below the announced window. Not thread-safe.
     """
 
     def __init__(self, endpoint: str, *, credits: int = 32, bind: bool = True,
                  start_seqs: Mapping[str, int] | None = None, on_gap: str = "raise",
                  max_producers: int = MAX_PRODUCERS, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 keys: str | os.PathLike | None = None, curve: bool | None = None,
+                 keys: str | os.PathLike | None = None, insecure: bool = False,
+                 shards: Mapping[str, tuple[int, int]] | None = None,
                  context: zmq.Context | None = None, strict: bool = False) -> None:
         if not isinstance(credits, int) or credits < 1:
             raise ValueError(f"GroupReceiver: credits must be a positive int, got {credits!r}")
@@ -83,7 +88,10 @@ class GroupReceiver:
         for name, seq in (start_seqs or {}).items():
             if not isinstance(seq, int) or seq < 0:
                 raise ValueError(f"GroupReceiver: start_seqs[{name!r}] must be an int >= 0, got {seq!r}")
-        folder = curve_folder(endpoint, keys, curve, "GroupReceiver")
+        for name, (shard, num_shards) in (shards or {}).items():
+            if not 0 <= shard < num_shards:
+                raise ValueError(f"GroupReceiver: shards[{name!r}] = ({shard}, {num_shards}) is no shard")
+        folder = curve_folder(endpoint, keys, insecure, "GroupReceiver")
         server_keys = None if folder is None else load_server_keys(folder, "GroupReceiver")
         self._credits = credits
         # Acks go out every quarter window: one Credit per 8 groups at the default 32, and the producer
@@ -92,12 +100,17 @@ class GroupReceiver:
         self._start_seqs = dict(start_seqs or {})
         self._on_gap = on_gap
         self._strict = bool(strict)
-        self._max_producers = max_producers
+        self._shards = dict(shards or {})
+        self._max_producers = len(self._shards) if self._shards else max_producers
+        self._curve = server_keys is not None
         self._max_message_bytes = max_message_bytes
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
         self._auth = None
-        self._key_check: _ClientKeyCheck | None = None
+        self._key_check: _ProducerKeys | None = None
+        self._producers: dict[str, ProducerStats] = {}
+        self._routes: dict[bytes, ProducerStats] = {}  # the last _MAX_SESSIONS sessions of every producer
+        self._sessions: dict[str, deque[bytes]] = {}
         self._sock = self._context.socket(zmq.ROUTER)
         # A producer reconnecting with its routing id takes its route over instead of being refused.
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -116,9 +129,6 @@ class GroupReceiver:
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
         if self._key_check is not None:
             self._key_check.endpoint = self.endpoint
-        self._producers: dict[str, ProducerStats] = {}
-        self._routes: dict[bytes, ProducerStats] = {}  # the last _MAX_SESSIONS sessions of every producer
-        self._sessions: dict[str, deque[bytes]] = {}
         self._ready: deque[StreamMessage | SequenceGap] = deque()
         self._unacked: set[str] = set()
         self._weights: WeightVersion | None = None
@@ -187,6 +197,19 @@ class GroupReceiver:
                     raise TimeoutError(f"GroupReceiver on {self.endpoint}: {', '.join(missing())} not "
                                        f"{what} within {timeout} s")
 
+    def last_seen(self, producer: str) -> float:
+        """`time.monotonic()` of the last frame of `producer` this receiver accepted (0.0: none yet); frames still
+        queued count once `read_queued` (or a `recv`) read them."""
+        state = self._producers.get(producer)
+        return 0.0 if state is None else state.last_seen
+
+    def read_queued(self) -> None:
+        """Take every frame already queued (kept for `recv`): heartbeats that waited while the application was
+        busy, before it asks `last_seen`."""
+        self._flush_acks()
+        while self._drain() == _DRAIN_BATCH:
+            pass
+
     def positions(self) -> dict[str, int]:
         """Per producer, the first sequence number not yet handed out: save it with a learner checkpoint
         and give it back as `start_seqs=` to a new receiver."""
@@ -202,10 +225,25 @@ class GroupReceiver:
                              duplicates=sum(s.duplicates for s in producers.values()),
                              lost=sum(s.lost for s in producers.values()), producers=producers, dropped=dropped)
 
-    def close(self) -> None:
+    def stop(self, producer: str, kind: str, reason: str = "") -> None:
+        """End `producer`'s live session with a `Stop` (see messages.py); its later frames are dropped."""
+        state = self._producers.get(producer)
+        if state is not None and state.route:
+            route = state.route
+            self._sock.send_multipart([route, encode(Stop(producer=producer, kind=kind, reason=reason[:4096]))])
+            end_session(self._routes, self._sessions.get(producer), route, state)
+            self._unacked.discard(producer)
+
+    def close(self, reason: str = "") -> None:
+        """Tell every live producer the run is over (`Stop` "finished": a worker started by hand exits), then
+        close; `reason` is what they log."""
         if self._sock.closed:
             return
-        self._sock.close(linger=0)  # pending credits to producers are worthless once we are gone
+        live = [name for name, state in self._producers.items() if state.route]
+        for name in live:
+            self.stop(name, "finished", reason or "the learner finished")
+        # A second for the Stops to leave; pending credits to producers are worthless once we are gone.
+        self._sock.close(linger=1000 if live else 0)
         if self._auth is not None:
             self._auth.stop()
         if self._own_context:
@@ -221,13 +259,14 @@ class GroupReceiver:
 
     def _start_authenticator(self, server_keys, endpoint: str) -> None:
         """CURVE server with ZAP: libzmq asks pyzmq's authenticator thread about every new connection, and
-        only the producers' public key passes (without a ZAP handler CURVE would let any key in)."""
+        only the producers' public keys pass (without a ZAP handler CURVE would let any key in)."""
         from zmq.auth.thread import ThreadAuthenticator
 
         self._auth = ThreadAuthenticator(self._context)
         self._auth.start()
-        self._key_check = _ClientKeyCheck(server_keys.client_public, endpoint)
+        self._key_check = _ProducerKeys(server_keys.producers, endpoint)
         self._auth.configure_curve_callback(domain="*", credentials_provider=self._key_check)
+        self._auth.curve_user_id = self._key_check.user_id  # every frame then names its key's producer
         self._sock.curve_server = True
         self._sock.curve_secretkey = server_keys.secret
         self._sock.curve_publickey = server_keys.public
@@ -286,6 +325,13 @@ class GroupReceiver:
             # Only a Hello is admitted from this connection, and a Hello is small: nothing larger is decoded.
             self._drop(route, frame, "no_hello", f"a frame of {len(frame.buffer)} bytes before any Hello")
             return
+        state = self._routes.get(route)
+        if self._curve and state is not None and frame.get("User-Id") != state.producer:
+            # A connection with another producer's key took this routing id over (ROUTER_HANDOVER): not
+            # the session's producer, whatever its frames say. The session itself did nothing wrong.
+            self._drop(route, frame, "wrong_key", f"a frame on the session of producer {state.producer!r}",
+                       end=False)
+            return
         try:
             msg = decode(frame.buffer)
         except msgspec.ValidationError as exc:  # msgpack, but not a message of ours (a wrong tag, a wrong type)
@@ -304,25 +350,34 @@ class GroupReceiver:
             self._goodbye(route, frame, msg)
         elif isinstance(msg, WeightsLoaded):
             self._loaded(route, frame, msg)
+        elif isinstance(msg, Heartbeat):
+            self._heartbeat(route, frame, msg)
         else:
             self._drop(route, frame, "unexpected_type", f"a {type(msg).__name__}, which only the receiver sends")
 
-    def _drop(self, route: bytes, frame: zmq.Frame | None, reason: str, detail: str) -> None:
+    def _drop(self, route: bytes, frame: zmq.Frame | None, reason: str, detail: str, *, end: bool = True) -> None:
         count = self._dropped[reason] = self._dropped.get(reason, 0) + 1
-        state = self._routes.get(route) if self._strict else None
+        state = self._routes.get(route) if self._strict and end else None
         if state is not None:
+            # The process that broke the protocol is told (it exits; a new process of it resumes where we stand).
+            self._sock.send_multipart([route, encode(Stop(producer=state.producer, kind="session_ended",
+                                                          reason=f"{detail} ({reason})"[:4096]))])
             end_session(self._routes, self._sessions.get(state.producer), route, state)
             if not state.route:
                 self._unacked.discard(state.producer)
         if _is_log_count(count):
             # A session is named by its producer (what the learner's logs know it by), a stranger by its connection.
             log.warning("GroupReceiver on %s: dropped a frame from %s: %s (%s; %d so far)%s", self.endpoint,
-                        f"producer {state.producer!r}" if state else peer_name(route, frame), detail, reason,
+                        f"producer {state.producer!r}" if state else peer_name(frame), detail, reason,
                         count, "; its session ended" if state else "")
 
     def _hello(self, route: bytes, frame: zmq.Frame, hello: Hello) -> None:
         if not hello.producer or len(hello.producer) > _MAX_NAME:
             self._drop(route, frame, "invalid", f"a Hello with producer name {hello.producer[:_MAX_NAME]!r}")
+            return
+        if self._curve and frame.get("User-Id") != hello.producer:
+            # Identity is the key: a Hello as another producer (a live one's "restart" included) is an impostor's.
+            self._drop(route, frame, "wrong_key", f"a Hello as {hello.producer!r}", end=False)
             return
         state = self._routes.get(route)
         if state is not None and state.producer != hello.producer:
@@ -332,6 +387,14 @@ class GroupReceiver:
         if state is None:
             state = self._producers.get(hello.producer)
             if state is None:
+                if self._shards and hello.producer not in self._shards:
+                    known = ", ".join(sorted(self._shards)[:8])
+                    why = (f"this learner assigns shards to {known}{' ...' if len(self._shards) > 8 else ''}, "
+                           f"not to {hello.producer!r}")
+                    self._sock.send_multipart([route, encode(Stop(producer=hello.producer, kind="unknown_producer",
+                                                                  reason=why))])
+                    self._drop(route, frame, "unknown_producer", why)
+                    return
                 if len(self._producers) >= self._max_producers:
                     self._drop(route, frame, "too_many_producers", f"a Hello of producer {hello.producer!r} past "
                                                                    f"the {self._max_producers} producers allowed")
@@ -347,7 +410,8 @@ class GroupReceiver:
                 self._routes.pop(sessions.popleft(), None)
             if state.sessions > 1:
                 log.info("producer %r restarted (pid %d, %s): resumes at %d", hello.producer, hello.pid,
-                         peer_name(route, frame), state.next_seq)
+                         peer_name(frame), state.next_seq)
+        state.last_seen = time.monotonic()
         state.route = route
         state.weight_version = hello.weight_version
         self._send_credit(state)
@@ -363,6 +427,17 @@ class GroupReceiver:
                                                        f"connection of producer {state.producer!r}")
         else:
             state.weight_version = max(state.weight_version, loaded.version)
+            state.last_seen = time.monotonic()
+
+    def _heartbeat(self, route: bytes, frame: zmq.Frame, beat: Heartbeat) -> None:
+        state = self._routes.get(route)
+        if state is None:
+            self._drop(route, frame, "no_hello", "a Heartbeat before its Hello")
+        elif state.producer != beat.producer:
+            self._drop(route, frame, "wrong_producer", f"a Heartbeat of {beat.producer[:_MAX_NAME]!r} on the "
+                                                       f"connection of producer {state.producer!r}")
+        else:
+            state.last_seen = time.monotonic()
 
     def _goodbye(self, route: bytes, frame: zmq.Frame, goodbye: Goodbye) -> None:
         state = self._routes.get(route)
@@ -394,6 +469,15 @@ class GroupReceiver:
         if problem is not None:
             self._drop(route, frame, "invalid", f"{type(msg).__name__} {msg.prompt_id[:80]!r}: {problem}")
             return
+        state.last_seen = time.monotonic()
+        if self._shards:
+            shard, num_shards = self._shards[state.producer]
+            if msg.position != msg.seq * num_shards + shard:
+                self._drop(route, frame, "wrong_shard", f"{type(msg).__name__} {msg.prompt_id[:80]!r} (seq {msg.seq}) "
+                                                        f"at stream position {msg.position}, but producer "
+                                                        f"{state.producer!r} has shard {shard} of {num_shards}: "
+                                                        f"seq {msg.seq} is position {msg.seq * num_shards + shard}")
+                return
         if msg.seq < state.next_seq:
             state.duplicates += 1
             return
@@ -422,9 +506,11 @@ class GroupReceiver:
     # -- outgoing credit
 
     def _credit(self, state: ProducerStats, limit: int) -> Credit:
+        shard, num_shards = self._shards.get(state.producer, (0, 0))
         return Credit(producer=state.producer, credits=max(0, limit - state.next_seq), next_seq=state.next_seq,
                       consumer_version=0 if self._weights is None else self._weights.version,
-                      window=self._credits, max_message_bytes=self._max_message_bytes)
+                      window=self._credits, max_message_bytes=self._max_message_bytes, shard=shard,
+                      num_shards=num_shards)
 
     def _send_credit(self, state: ProducerStats) -> None:
         state.pending_acks = 0

@@ -18,10 +18,12 @@ from medvl_engine.transport.keys import KEYS_HINT, curve_folder, load_client_key
 from medvl_engine.transport.messages import (
     Credit,
     Goodbye,
+    Heartbeat,
     Hello,
     Message,
     RolloutError,
     RolloutGroup,
+    Stop,
     WeightsLoaded,
     WeightVersion,
     decode,
@@ -38,6 +40,19 @@ from medvl_engine.transport.protocol import (
 )
 
 _MAX_CONTROL_BYTES = 1 << 20  # what a sender reads: Credits and WeightVersions, a few hundred bytes each
+
+
+class Stopped(TransportError):
+    """The receiver ended this producer's session (`Stop`): `kind` "finished" (the run is over),
+    "session_ended" (a protocol violation; a new process of the producer resumes) or "unknown_producer"."""
+
+    def __init__(self, producer: str, kind: str, reason: str) -> None:
+        self.kind, self.reason = kind, reason
+        super().__init__(f"producer {producer!r}: the learner ended its session ({kind}): {reason}")
+
+
+class ReceiverGone(TransportError):
+    """The connection to the receiver has been down longer than the producer waits for it to come back."""
 
 
 def _poll_ms(deadline: float | None) -> int | None:
@@ -71,13 +86,15 @@ class GroupSender:
 
     Not thread-safe (a ZeroMQ socket belongs to one thread): call it from the thread that owns it.
     `on_weights` is called from inside `send`/`poll_weight_version`/`handshake` when an announcement arrives.
-    `keys` is a folder from `medvl-engine keys` (default: $MEDVL_TRANSPORT_KEYS); CURVE is used as
-    `medvl_engine.transport.keys.use_curve` says (`curve=True/False` forces it).
+    `keys` is a folder from `medvl-engine keys` (default: $MEDVL_TRANSPORT_KEYS), from which the producer
+    loads its own key pair (`{producer_id}.key_secret`); CURVE is used on every network endpoint unless
+    `insecure` (`medvl_engine.transport.keys.use_curve`). A `Stop` from the receiver raises `Stopped` out of
+    the call that reads it; `receiver_down_s` says how long the connection has been down.
     """
 
     def __init__(self, endpoint: str, producer_id: str, *, connect: bool = True,
                  on_weights: Callable[[WeightVersion], None] | None = None, weight_version: int = 0,
-                 linger_s: float = 10.0, keys: str | os.PathLike | None = None, curve: bool | None = None,
+                 linger_s: float = 10.0, keys: str | os.PathLike | None = None, insecure: bool = False,
                  context: zmq.Context | None = None) -> None:
         if not isinstance(producer_id, str) or not producer_id or len(producer_id) > _MAX_NAME:
             raise ValueError(f"GroupSender: producer_id must be a non-empty string of at most {_MAX_NAME} "
@@ -85,8 +102,8 @@ class GroupSender:
         if linger_s < 0:
             raise ValueError(f"GroupSender {producer_id!r}: linger_s must be >= 0, got {linger_s}")
         who = f"GroupSender {producer_id!r}"
-        folder = curve_folder(endpoint, keys, curve, who)
-        client_keys = None if folder is None else load_client_keys(folder, who)
+        folder = curve_folder(endpoint, keys, insecure, who)
+        client_keys = None if folder is None else load_client_keys(folder, producer_id, who)
         self.producer_id = producer_id
         self.endpoint = endpoint
         self.stats = SenderStats()
@@ -105,6 +122,8 @@ class GroupSender:
         self._weights: WeightVersion | None = None
         self._new_weights = False
         self._handshake_trouble = ""
+        self.shard: tuple[int, int] | None = None  # (shard, num_shards) the receiver assigned (its Credits say)
+        self._down_since: float | None = None  # when the connection to the receiver went down (None: up)
         self._sock = self._context.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.MAXMSGSIZE, _MAX_CONTROL_BYTES)
         # One routing id per process, stable across TCP reconnects, new after a restart: the receiver tells a
@@ -115,7 +134,8 @@ class GroupSender:
             self._sock.curve_serverkey = client_keys.server_public
             self._sock.curve_publickey = client_keys.public
             self._sock.curve_secretkey = client_keys.secret
-        self._monitor: zmq.Socket | None = self._sock.get_monitor_socket(_HANDSHAKE_FAILURES)
+        self._monitor: zmq.Socket | None = self._sock.get_monitor_socket(
+            _HANDSHAKE_FAILURES | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         try:
             _open(self._sock, endpoint, bind=not connect)
         except (zmq.ZMQError, ValueError, OSError) as exc:
@@ -132,7 +152,7 @@ class GroupSender:
         `TransportError` at once when the receiver refuses the connection (CURVE on one end only, a key it
         does not accept); `TimeoutError` when nothing answers within `timeout` seconds."""
         deadline = _check_timeout(timeout, f"GroupSender {self.producer_id!r}.handshake")
-        if self._monitor is not None and self._next_seq < 0:
+        if self._next_seq < 0:
             poller = zmq.Poller()
             poller.register(self._sock, zmq.POLLIN)
             poller.register(self._monitor, zmq.POLLIN)
@@ -142,12 +162,9 @@ class GroupSender:
                     raise TimeoutError(f"GroupSender {self.producer_id!r}: no answer to its Hello from "
                                        f"{self.endpoint} within {timeout} s{self._handshake_trouble}")
                 if self._monitor in ready:
-                    self._handshake_events()
+                    self._connection_events()
                 if self._sock in ready:
                     self._drain()
-        while self._next_seq < 0:
-            self._wait_input(deadline, timeout, "answer to its Hello")
-        self._stop_monitor()
         return self._next_seq
 
     @property
@@ -227,6 +244,23 @@ class GroupSender:
         self._new_weights = False
         return self._weights
 
+    def heartbeat(self) -> None:
+        """Say this process runs (`Heartbeat`; a learner that started it restarts it when they stop), and read
+        what the receiver sent meanwhile (a `Stop` raises `Stopped`)."""
+        try:
+            # Never blocks: with its queue full the receiver is not reading, and one more beat would tell it nothing.
+            self._sock.send(encode(Heartbeat(producer=self.producer_id)), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        self._drain()
+
+    @property
+    def receiver_down_s(self) -> float:
+        """Seconds the connection to the receiver has been down (0 while it is up): a receiver that exited
+        closed it. libzmq reconnects meanwhile; a restarted receiver brings it back up."""
+        self._connection_events()
+        return 0.0 if self._down_since is None else time.monotonic() - self._down_since
+
     def report_loaded(self, version: int) -> None:
         """Tell the receiver this producer's engine runs policy `version` now (`WeightsLoaded`; a learner
         pushing weights over torch.distributed waits for it). Takes no credit and no sequence number."""
@@ -257,17 +291,25 @@ class GroupSender:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- connection trouble, until the first Credit
+    # -- the connection: why it never came up (until the first Credit), whether it is down (after)
 
-    def _handshake_events(self) -> None:
+    def _connection_events(self) -> None:
+        """Read the socket monitor's events: a refused handshake raises until the first Credit (after it, libzmq
+        keeps reconnecting and `receiver_down_s` tells how long it has been down)."""
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
             kind, value = event["event"], event["value"]
-            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if kind == zmq.EVENT_DISCONNECTED:
+                self._down_since = self._down_since or time.monotonic()
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._down_since = None
+            elif self._next_seq >= 0:
+                continue
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise TransportError(f"GroupSender {self.producer_id!r}: the receiver at {self.endpoint} refused "
-                                     f"this producer's CURVE key (ZAP status {value}): client.key_secret is not "
-                                     f"from the receiver's key folder")
-            if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                                     f"this producer's CURVE key (ZAP status {value}): {self.producer_id}.key_secret "
+                                     f"is not from the receiver's key folder")
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                 if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
                     mine = "uses CURVE keys and the receiver does not" if self._curve else \
                         "has no CURVE keys and the receiver asks for them"
@@ -275,10 +317,11 @@ class GroupSender:
                                          f"give both ends the same key folder ({KEYS_HINT})")
                 raise TransportError(f"GroupSender {self.producer_id!r}: handshake with {self.endpoint} failed "
                                      f"(ZeroMQ protocol error {value:#x})")
-            # No detail: a CURVE handshake that cannot be decrypted (a server.key that is not the receiver's),
-            # or a connection reset mid-handshake; libzmq retries, and a timeout says it happened.
-            self._handshake_trouble = (" (handshakes failed: is server.key the receiver's?)" if self._curve
-                                       else " (handshakes failed)")
+            else:
+                # No detail: a CURVE handshake that cannot be decrypted (a server.key that is not the receiver's),
+                # or a connection reset mid-handshake; libzmq retries, and a timeout says it happened.
+                self._handshake_trouble = (" (handshakes failed: is server.key the receiver's?)" if self._curve
+                                           else " (handshakes failed)")
 
     def _stop_monitor(self) -> None:
         if self._monitor is not None:
@@ -305,6 +348,8 @@ class GroupSender:
                 self._credit(msg)
             elif isinstance(msg, WeightVersion):
                 self._weight_version(msg)
+            elif isinstance(msg, Stop):
+                raise Stopped(self.producer_id, msg.kind, msg.reason)
             else:
                 raise ProtocolError(f"GroupSender {self.producer_id!r}: unexpected {type(msg).__name__} "
                                     f"from the receiver at {self.endpoint}")
@@ -324,6 +369,8 @@ class GroupSender:
         self._consumed = max(self._consumed, credit.next_seq + credit.credits - credit.window)
         self._consumer_version = max(self._consumer_version, credit.consumer_version)
         self._max_message_bytes = credit.max_message_bytes
+        if credit.num_shards:
+            self.shard = (credit.shard, credit.num_shards)
 
     def _weight_version(self, update: WeightVersion) -> None:
         if self._weights is not None and update.version < self._weights.version:

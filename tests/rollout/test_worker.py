@@ -7,6 +7,7 @@ that a worker restarted at position k regenerates the groups the uninterrupted r
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from medvl_engine.rollout.hf_backend import HFBackend
 from medvl_engine.rollout.launcher import WorkerDied, WorkerProcess
 from medvl_engine.rollout.stream import PromptStream
 from medvl_engine.rollout.types import derive_seed
-from medvl_engine.rollout.worker import RolloutWorker
+from medvl_engine.rollout.worker import EXIT_LEARNER_GONE, RolloutWorker
 from medvl_engine.transport.messages import RolloutGroup, WeightVersion
 from medvl_engine.transport.receiver import GroupReceiver
 from medvl_engine.transport.sender import GroupSender
@@ -62,7 +63,7 @@ def receive(receiver, count: int, worker: WorkerProcess, timeout: float = 120) -
 def test_worker_streams_groups_applies_weights_and_resumes_after_a_kill(policy_dirs, tmp_path):
     text_samples = [s for s in load_bundled() if not s.images]
     tokenizer = byte_tokenizer()
-    receiver = GroupReceiver(f"ipc://{tmp_path}/rollout.sock", credits=2)
+    receiver = GroupReceiver(f"ipc://{tmp_path}/rollout.sock", credits=2, insecure=True)
     try:
         with WorkerProcess(worker_args(policy_dirs / "v0", receiver.endpoint, max_prompts=8), max_restarts=0,
                            log_path=tmp_path / "run1.log") as worker:
@@ -107,6 +108,60 @@ def test_worker_streams_groups_applies_weights_and_resumes_after_a_kill(policy_d
         receiver.close()
 
 
+def wait_exit(worker: WorkerProcess, timeout: float) -> int:
+    """The worker's exit code (no restart), within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while worker._process.poll() is None:
+        assert time.monotonic() < deadline, f"still running after {timeout} s:\n{worker.log_tail()}"
+        time.sleep(0.1)
+    return worker._process.returncode
+
+
+@pytest.mark.slow
+def test_a_worker_started_by_hand_exits_when_its_learner_finishes(policy_dirs, tmp_path):
+    """(Once a worker beside a finished `grpo --transport.workers 0` kept running until killed.)"""
+    receiver = GroupReceiver(f"ipc://{tmp_path}/rollout.sock", credits=2, shards={"w0": (0, 1)}, strict=True)
+    try:
+        worker = WorkerProcess(worker_args(policy_dirs / "v0", receiver.endpoint, max_prompts=0), max_restarts=0,
+                               log_path=tmp_path / "worker.log")
+        worker.start()
+        receive(receiver, 2, worker)
+    finally:
+        receiver.close("the learner reached its last step")
+    assert wait_exit(worker, 30) == 0
+    assert "w0: the learner reached its last step; exiting" in worker.log_tail()
+
+
+LEARNER_STAND_IN = """
+import sys, time
+from medvl_engine.transport.receiver import GroupReceiver
+receiver = GroupReceiver(sys.argv[1], credits=2, strict=True)
+receiver.recv(timeout=120)
+print("got one", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_started_by_hand_exits_when_its_learner_dies(policy_dirs, tmp_path):
+    endpoint = f"ipc://{tmp_path}/rollout.sock"
+    learner = subprocess.Popen([sys.executable, "-c", LEARNER_STAND_IN, endpoint], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = WorkerProcess(worker_args(policy_dirs / "v0", endpoint, max_prompts=0) + ["--learner-timeout-s", "2"],
+                               max_restarts=0, log_path=tmp_path / "worker.log")
+        worker.start()
+        assert learner.stdout.readline().strip() == "got one", worker.log_tail()
+        learner.kill()  # SIGKILL: no Stop, the connection just goes down
+        started = time.monotonic()
+        assert wait_exit(worker, 30) == EXIT_LEARNER_GONE
+        assert time.monotonic() - started < 15
+        assert "has been unreachable for" in worker.log_tail()
+    finally:
+        learner.kill()
+        learner.wait()
+        worker.stop()
+
+
 def test_worker_process_gives_up_after_bounded_restarts(tmp_path):
     crash = [sys.executable, "-c", "import sys; print('boom: no model here'); sys.exit(3)"]
     worker = WorkerProcess(command=crash, max_restarts=2, restart_delay_s=0.0, log_path=tmp_path / "crash.log")
@@ -131,7 +186,7 @@ def test_worker_process_restarts_a_crash_then_finishes(tmp_path):
 def stream_from(position: int, stop: int, endpoint: str, model, tokenizer, samples, *, seed: int,
                 max_in_flight: int, max_batch: int) -> list:
     """Run a RolloutWorker whose learner stands at `position` (a receiver thread plays the learner)."""
-    receiver = GroupReceiver(endpoint, credits=4, start_seqs={"w0": position})
+    receiver = GroupReceiver(endpoint, credits=4, start_seqs={"w0": position}, insecure=True)
     messages: list = []
 
     def learner():
@@ -140,7 +195,7 @@ def stream_from(position: int, stop: int, endpoint: str, model, tokenizer, sampl
 
     thread = threading.Thread(target=learner)
     thread.start()
-    sender = GroupSender(receiver.endpoint, "w0")
+    sender = GroupSender(receiver.endpoint, "w0", insecure=True)
     try:
         rollout = RolloutConfig(n=3, temperature=1.0, max_response_tokens=8, max_in_flight=max_in_flight)
         stream = PromptStream(samples, tokenizer, shuffle_seed=None, sample_seed=seed, stop=stop)

@@ -59,3 +59,28 @@ def test_clip_higher_and_equal_clips_are_accepted():
 def test_rollout_n_1_with_dynamic_sampling_is_refused_at_config_time():
     with pytest.raises(ValueError, match="rollout.dynamic_sampling .* needs rollout.n >= 2"):
         RolloutConfig(n=1, dynamic_sampling=True)
+
+
+@pytest.mark.parametrize("rollout, keys", [
+    ({"top_p": 0.9}, "rollout.top_p 0.9"),
+    ({"top_k": 40}, "rollout.top_k 40"),
+    ({"top_p": 0.95, "top_k": 20}, "rollout.top_p 0.95, rollout.top_k 20"),
+])
+def test_grpo_refuses_top_p_and_top_k_whose_logprobs_the_learner_cannot_match(rollout, keys):
+    with pytest.raises(ValueError, match=f"{keys}: GRPO trains on the sampled answers.*rollout.top_p 1 and "
+                                         "rollout.top_k -1"):
+        config_lib.build(GRPOConfig, {"rollout": rollout})
+    # The one door every training pool goes through (colocated GRPO and the rollout worker) refuses it too.
+    with pytest.raises(ValueError, match=keys):
+        RolloutConfig(**rollout).sampling_params(logprobs=True)
+
+
+def test_eval_and_passrate_keep_top_p_and_top_k():
+    from medvl_engine.evals.evaluate import EvalConfig
+    from medvl_engine.evals.passrate import PassrateConfig
+
+    run = {"model": "smollm2", "output": "out"}
+    assert config_lib.build(EvalConfig, dict(run, rollout={"top_p": 0.9, "top_k": 40})).rollout.top_p == 0.9
+    assert config_lib.build(PassrateConfig, dict(run, rollout={"top_p": 0.95, "top_k": 20})).rollout.top_k == 20
+    params = RolloutConfig(top_p=0.9, top_k=40).sampling_params(logprobs=False)
+    assert (params.top_p, params.top_k, params.return_logprobs) == (0.9, 40, False)

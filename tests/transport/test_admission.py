@@ -46,8 +46,8 @@ def send_all(sender: GroupSender, total: int) -> threading.Thread:
 
 def test_a_strangers_claims_cannot_touch_a_producers_stream(endpoint, closing, settle):
     total = 150
-    with GroupReceiver(endpoint, credits=8) as receiver:
-        sender = closing(GroupSender(receiver.endpoint, "rollout-0", linger_s=0))
+    with GroupReceiver(endpoint, credits=8, insecure=True) as receiver:
+        sender = closing(GroupSender(receiver.endpoint, "rollout-0", linger_s=0, insecure=True))
         producing = closing(send_all(sender, total))
         got = [receiver.recv(timeout=10) for _ in range(10)]
         # One frame from a connection that never said Hello, claiming the producer and a far position.
@@ -84,10 +84,10 @@ GARBAGE = {
 @pytest.mark.parametrize("case", GARBAGE)
 def test_garbage_is_dropped_and_the_stream_goes_on(endpoint, case, caplog, closing, settle):
     reason, frames = GARBAGE[case]
-    with GroupReceiver(endpoint, credits=4) as receiver:
+    with GroupReceiver(endpoint, credits=4, insecure=True) as receiver:
         peer = closing(RawPeer(receiver.endpoint))
         peer.sock.send_multipart(frames)
-        sender = closing(GroupSender(receiver.endpoint, "rollout-0", linger_s=0))
+        sender = closing(GroupSender(receiver.endpoint, "rollout-0", linger_s=0, insecure=True))
         producing = closing(send_all(sender, 6))
         got = [receiver.recv(timeout=10).seq for _ in range(6)]
         producing.join(10)
@@ -95,13 +95,13 @@ def test_garbage_is_dropped_and_the_stream_goes_on(endpoint, case, caplog, closi
         stats = receiver.stats
     assert got == list(range(6))
     assert stats.dropped == {reason: 1}
-    assert f"({reason}; 1 so far)" in caplog.text and "dropped a frame from connection" in caplog.text
+    assert f"({reason}; 1 so far)" in caplog.text and "dropped a frame from a connection" in caplog.text
 
 
 def test_messages_of_impossible_shape_are_dropped(endpoint, closing):
     """msgspec checks types; a rewards buffer shorter than the answers, or an image with fewer bytes than its
     size says, would crash the learner later."""
-    with GroupReceiver(endpoint, credits=4) as receiver:
+    with GroupReceiver(endpoint, credits=4, insecure=True) as receiver:
         peer = closing(RawPeer(receiver.endpoint, "rollout-0", hello=True))
         short = make_message("rollout-0", 0)
         short.rewards = short.rewards[:-1]
@@ -118,7 +118,7 @@ def test_a_producer_past_its_credit_is_cut_to_its_window(endpoint, closing):
     """(Once: with credits=8, 400 groups of 512 KB were all buffered.) 200 groups of 64 KB sent at once;
     at most `credits` are ever held, everything else is refused and counted, none delivered twice."""
     credits, total = 4, 200
-    with GroupReceiver(endpoint, credits=credits, on_gap="count") as receiver:
+    with GroupReceiver(endpoint, credits=credits, on_gap="count", insecure=True) as receiver:
         peer = closing(RawPeer(receiver.endpoint, "flood", hello=True))
         for seq in range(total):
             peer.sock.send(encode(big_group("flood", seq, tokens=16_000)))
@@ -137,7 +137,7 @@ def test_a_producer_past_its_credit_is_cut_to_its_window(endpoint, closing):
 
 def test_producers_past_the_cap_are_refused(endpoint, closing, settle):
     """(Once: 3000 fake producers were all kept.)"""
-    with GroupReceiver(endpoint, credits=4, max_producers=3) as receiver:
+    with GroupReceiver(endpoint, credits=4, max_producers=3, insecure=True) as receiver:
         peers = [closing(RawPeer(receiver.endpoint, f"p{i}", hello=True)) for i in range(5)]
         for i, peer in enumerate(peers):
             peer.sock.send(encode(make_message(f"p{i}", 0)))
@@ -151,10 +151,10 @@ def test_an_oversized_message_never_arrives(endpoint, closing):
     """(Once: a 64 MB frame was accepted.) libzmq cuts the connection that sends it; a GroupSender, told
     the limit in its Credit, refuses to send one."""
     limit = 1 << 20
-    with GroupReceiver(endpoint, credits=4, max_message_bytes=limit) as receiver:
+    with GroupReceiver(endpoint, credits=4, max_message_bytes=limit, insecure=True) as receiver:
         peer = closing(RawPeer(receiver.endpoint, "big", hello=True))
         peer.sock.send(encode(big_group("big", 0, tokens=limit // 2)))  # 2 MB of token ids
-        sender = closing(GroupSender(receiver.endpoint, "rollout-0", linger_s=0))
+        sender = closing(GroupSender(receiver.endpoint, "rollout-0", linger_s=0, insecure=True))
         producing = closing(send_all(sender, 3))
         assert [receiver.recv(timeout=10).producer for _ in range(3)] == ["rollout-0"] * 3
         producing.join(10)
@@ -167,7 +167,7 @@ def test_an_oversized_message_never_arrives(endpoint, closing):
 
 
 def test_a_flood_of_garbage_does_not_hold_recv_past_its_timeout(closing):
-    with GroupReceiver("tcp://127.0.0.1:*", credits=4) as receiver:
+    with GroupReceiver("tcp://127.0.0.1:*", credits=4, insecure=True) as receiver:
         peer = closing(RawPeer(receiver.endpoint))
         stop = threading.Event()
 
@@ -196,22 +196,22 @@ def test_ipc_sockets_are_owner_only(tmp_path):
     """(Once created with the umask's permissions: 0755 or 0775, open to every local user.)"""
     umask = os.umask(0o022)
     try:
-        with GroupReceiver(f"ipc://{tmp_path}/r.sock"):
+        with GroupReceiver(f"ipc://{tmp_path}/r.sock", insecure=True):
             assert stat.S_IMODE(os.stat(tmp_path / "r.sock").st_mode) == 0o600
         # A sender may bind too; its constructor waits until a receiver connects to take the Hello.
         made = []
         binding = threading.Thread(target=lambda: made.append(
-            GroupSender(f"ipc://{tmp_path}/s.sock", "w0", connect=False, linger_s=0)), daemon=True)
+            GroupSender(f"ipc://{tmp_path}/s.sock", "w0", connect=False, linger_s=0, insecure=True)), daemon=True)
         binding.start()
         deadline = time.monotonic() + 10
         while not (tmp_path / "s.sock").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o600
-        with GroupReceiver(f"ipc://{tmp_path}/s.sock", bind=False):
+        with GroupReceiver(f"ipc://{tmp_path}/s.sock", bind=False, insecure=True):
             binding.join(10)
             made[0].close()
         assert os.umask(0o022) == 0o022, "binding changed the process's umask for good"
     finally:
         os.umask(umask)
     with pytest.raises(ValueError, match="abstract ipc socket"):
-        GroupReceiver("ipc://@medvl-test")
+        GroupReceiver("ipc://@medvl-test", insecure=True)

@@ -29,7 +29,7 @@ def group(seq: int = AUTO_SEQ, producer: str = "", tokens: int = 3) -> RolloutGr
 
 @pytest.fixture
 def receiver():
-    with GroupReceiver("tcp://127.0.0.1:*", credits=4) as rec:
+    with GroupReceiver("tcp://127.0.0.1:*", credits=4, insecure=True) as rec:
         yield rec
 
 
@@ -40,7 +40,7 @@ def connect():
     senders = []
 
     def make(receiver: GroupReceiver, producer: str = "w0", **kwargs) -> GroupSender:
-        senders.append(GroupSender(receiver.endpoint, producer, linger_s=0, **kwargs))
+        senders.append(GroupSender(receiver.endpoint, producer, linger_s=0, **kwargs, insecure=True))
         with pytest.raises(TimeoutError):
             receiver.recv(timeout=0.2)
         senders[-1].handshake(timeout=5)
@@ -174,7 +174,7 @@ def test_restarted_producer_resumes_where_the_receiver_stands(receiver, connect)
 
 
 def test_new_receiver_continues_from_saved_positions(connect):
-    with GroupReceiver("tcp://127.0.0.1:*", credits=4, start_seqs={"w0": 120}) as receiver:
+    with GroupReceiver("tcp://127.0.0.1:*", credits=4, start_seqs={"w0": 120}, insecure=True) as receiver:
         sender = connect(receiver)
         assert sender.next_seq == 120
         sender.send(group(), timeout=1)
@@ -183,7 +183,7 @@ def test_new_receiver_continues_from_saved_positions(connect):
 
 
 def test_duplicates_are_dropped_and_gaps_raised():
-    with GroupReceiver("tcp://127.0.0.1:*", credits=8) as receiver:
+    with GroupReceiver("tcp://127.0.0.1:*", credits=8, insecure=True) as receiver:
         peer = RawPeer(receiver.endpoint, "raw")
         peer.send(0, 1, 1, 0, 2, 5, 6)  # all below the first Credit's limit of 8
         assert [receiver.recv(timeout=5).seq for _ in range(3)] == [0, 1, 2]
@@ -201,7 +201,7 @@ def test_duplicates_are_dropped_and_gaps_raised():
 
 
 def test_gaps_can_be_counted_instead():
-    with GroupReceiver("tcp://127.0.0.1:*", credits=8, on_gap="count") as receiver:
+    with GroupReceiver("tcp://127.0.0.1:*", credits=8, on_gap="count", insecure=True) as receiver:
         peer = RawPeer(receiver.endpoint, "raw")
         peer.send(0, 4)
         assert [receiver.recv(timeout=5).seq for _ in range(2)] == [0, 4]
@@ -217,28 +217,29 @@ def test_a_bad_frame_is_dropped_counted_and_logged_with_its_sender(receiver, cap
     peer.send(0)
     assert receiver.recv(timeout=5).seq == 0
     assert receiver.stats.dropped == {"invalid": 1, "unexpected_type": 1}
-    assert "dropped a frame from connection 'raw/" in caplog.text and "at 127.0.0.1" in caplog.text
+    # Named by its address, never by its routing id (ROUTER_HANDOVER gives the connection to whoever shows it).
+    assert "dropped a frame from a connection at 127.0.0.1" in caplog.text and "raw/" not in caplog.text
     peer.close()
 
 
 def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match="credits must be a positive int"):
-        GroupReceiver("tcp://127.0.0.1:*", credits=0)
+        GroupReceiver("tcp://127.0.0.1:*", credits=0, insecure=True)
     with pytest.raises(ValueError, match="on_gap must be"):
-        GroupReceiver("tcp://127.0.0.1:*", on_gap="ignore")
+        GroupReceiver("tcp://127.0.0.1:*", on_gap="ignore", insecure=True)
     with pytest.raises(ValueError, match=r"start_seqs\['w0'\] must be an int >= 0"):
-        GroupReceiver("tcp://127.0.0.1:*", start_seqs={"w0": -1})
+        GroupReceiver("tcp://127.0.0.1:*", start_seqs={"w0": -1}, insecure=True)
     with pytest.raises(ValueError, match="cannot bind 'tcp://nowhere'"):
-        GroupReceiver("tcp://nowhere", curve=False)
+        GroupReceiver("tcp://nowhere", insecure=True)
     with pytest.raises(ValueError, match="max_producers must be a positive int"):
-        GroupReceiver("tcp://127.0.0.1:*", max_producers=0)
+        GroupReceiver("tcp://127.0.0.1:*", max_producers=0, insecure=True)
     with pytest.raises(ValueError, match="max_message_bytes must be a positive int"):
-        GroupReceiver("tcp://127.0.0.1:*", max_message_bytes=-1)
+        GroupReceiver("tcp://127.0.0.1:*", max_message_bytes=-1, insecure=True)
     with pytest.raises(ValueError, match="producer_id must be a non-empty string"):
-        GroupSender("tcp://127.0.0.1:5555", "")
+        GroupSender("tcp://127.0.0.1:5555", "", insecure=True)
     with pytest.raises(ValueError, match="cannot connect to 'carrier-pigeon://x'"):
-        GroupSender("carrier-pigeon://x", "w0")
-    sender = GroupSender("tcp://127.0.0.1:5555", "w0")
+        GroupSender("carrier-pigeon://x", "w0", insecure=True)
+    sender = GroupSender("tcp://127.0.0.1:5555", "w0", insecure=True)
     with pytest.raises(TransportError, match="unknown before handshake"):
         _ = sender.next_seq
     with pytest.raises(ValueError, match="timeout must be None or >= 0"):

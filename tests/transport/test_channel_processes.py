@@ -83,7 +83,7 @@ def check_stream(received: dict[str, list], totals: dict[str, int]) -> None:
 
 def test_ten_thousand_groups_from_two_producers(endpoint, producers):
     totals = {"worker-0": 5000, "worker-1": 5000}
-    with GroupReceiver(endpoint, credits=32) as receiver:
+    with GroupReceiver(endpoint, credits=32, insecure=True) as receiver:
         procs = producers(receiver.endpoint)
         for name, total in totals.items():
             procs.start(name, total)
@@ -109,7 +109,7 @@ def test_producer_killed_and_restarted_mid_stream(endpoint, producers):
     kill_at = sorted(rng.sample(range(500, 5500), 3))  # after this many messages of worker-0 arrived
     credits = 64
     resumed = []
-    with GroupReceiver(endpoint, credits=credits) as receiver:
+    with GroupReceiver(endpoint, credits=credits, insecure=True) as receiver:
         procs = producers(receiver.endpoint)
         for name, total in totals.items():
             procs.start(name, total)
@@ -145,7 +145,7 @@ def test_producer_killed_and_restarted_mid_stream(endpoint, producers):
 def test_slow_consumer_is_bounded_by_its_credits(producers):
     credits = 4
     total = 120
-    with GroupReceiver("tcp://127.0.0.1:*", credits=credits) as receiver:
+    with GroupReceiver("tcp://127.0.0.1:*", credits=credits, insecure=True) as receiver:
         procs = producers(receiver.endpoint)
         procs.start("worker-0", total)
         received = defaultdict(list)
@@ -168,7 +168,7 @@ def test_slow_consumer_is_bounded_by_its_credits(producers):
 def test_a_garbage_sender_alongside_two_producers(endpoint, producers, settle):
     """(Once the first undecodable frame raised out of recv and ended the learner's run.)"""
     totals = {"worker-0": 1500, "worker-1": 1500}
-    with GroupReceiver(endpoint, credits=32) as receiver:
+    with GroupReceiver(endpoint, credits=32, insecure=True) as receiver:
         procs = producers(receiver.endpoint)
         procs.start("garbage", 3000, "--garbage")
         for name, total in totals.items():

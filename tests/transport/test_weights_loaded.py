@@ -29,10 +29,10 @@ def test_the_buckets_and_the_answer_survive_the_wire():
 
 
 def test_wait_for_hellos_then_for_the_loaded_version():
-    with GroupReceiver("tcp://127.0.0.1:*", credits=4) as receiver:
+    with GroupReceiver("tcp://127.0.0.1:*", credits=4, insecure=True) as receiver:
         with pytest.raises(TimeoutError, match="w0 not said Hello"):
             receiver.wait_for(["w0"], timeout=0.2)
-        sender = GroupSender(receiver.endpoint, "w0", linger_s=0)
+        sender = GroupSender(receiver.endpoint, "w0", linger_s=0, insecure=True)
         try:
             receiver.wait_for(["w0"], timeout=5)  # its Hello answered: the sender's handshake completes
             assert sender.handshake(timeout=5) == 0

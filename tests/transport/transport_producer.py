@@ -121,7 +121,7 @@ def main() -> int:
     if args.garbage:
         print(json.dumps(send_garbage(args.endpoint, args.producer, args.total)), flush=True)
         return 0
-    sender = GroupSender(args.endpoint, args.producer)
+    sender = GroupSender(args.endpoint, args.producer, insecure=True)
     start = sender.handshake(timeout=30)
     print(json.dumps({"resumed_from": start}), flush=True)
     for seq in range(start, args.total):
