@@ -1,5 +1,5 @@
-"""Images on the learner's side: the processor of an image-text model, and prompts expanded the way the
-engine expands them.
+"""Images as the model sees them: the processor of an image-text model, the one pixel rule engine and
+learner share, and prompts expanded the way the engine expands them.
 
 A prompt travels with one placeholder token per image (`<|image_pad|>` for Qwen2.5-VL), as the chat
 template renders it; the engine's processor expands each placeholder into one token per merged patch
@@ -9,14 +9,23 @@ needs:
 
     processor = load_processor(model_path)                 # tokenizer for text models
     ids, vision = expand_image_tokens(prompt_ids, images, processor)
+    length = expanded_length(prompt_ids, images, processor)  # the same length, from image sizes alone
+
+Every image is decoded into a private copy in the processor's RGB (`decoded_copy`) before a processor sees
+it, on both sides: the rollout pool does it once per request before the backend and the wire get the
+image, the learner in `expand_image_tokens`. Alpha, and the transparency of a palette or grayscale image,
+is then composited on white once, by one rule, whatever the wire format or the engine's processor version.
 """
 
 from __future__ import annotations
 
 import functools
+import io
+import threading
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 
 from medvl_engine.errors import ConfigError
 
@@ -79,6 +88,41 @@ def load_processor(path: str):
     return image_only_processor(Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer)
 
 
+# Guards `load()` of a lazily decoded image that `decoded_copy` cannot reopen from bytes (one opened from a
+# file by someone else); the loaders' images never take it.
+_SHARED_LOAD = threading.Lock()
+
+
+def model_rgb(image: Image.Image) -> Image.Image:
+    """`image` as a new RGB image by the rule of transformers' image processors (`convert_to_rgb`, which
+    Qwen2-VL's applies with `do_convert_rgb`): alpha or a transparency key (P, L, RGB) composited on white,
+    any other mode (L, CMYK, I;16, P) through PIL's `convert("RGB")`. Delegated, not copied, so the rule is
+    the installed processor's own; an RGB image then passes any processor unchanged."""
+    from transformers.image_transforms import convert_to_rgb
+
+    return Image.fromarray(convert_to_rgb(image, return_numpy=True), "RGB")
+
+
+def decoded_copy(image: Image.Image) -> Image.Image:
+    """`image` decoded into pixels of its own, in the processor's RGB (`model_rgb`); `image` is left as it was.
+
+    The loaders' images are decoded lazily from their encoded bytes and shared by every request of their
+    sample, and a stream that cycles a small dataset has several positions of one sample in flight: PIL's
+    `load()` on one image from two threads fails (AssertionError in PngImagePlugin.load_end, or "broken data
+    stream"; 38 of 200 loads of a 64x64 PNG from 4 threads). So each call decodes with a decoder of its own,
+    opened on the same bytes. A private copy rather than a lock on the shared image: a loaded shared image
+    would keep its pixels in the dataset for the rest of the run (the ~6 GB of MedVLThinker-Eval the loaders
+    avoid by keeping compressed bytes), and a lock would decode one image at a time."""
+    if getattr(image, "tile", None):  # not decoded yet
+        source = image.fp  # read once: a load elsewhere sets it to None
+        if isinstance(source, io.BytesIO):  # the loaders' images: their encoded bytes, in memory
+            image = Image.open(io.BytesIO(source.getvalue()))
+        else:
+            with _SHARED_LOAD:
+                image.load()
+    return model_rgb(image)
+
+
 def image_token_id(processor) -> int:
     token_id = getattr(processor, "image_token_id", None)
     if token_id is None:
@@ -86,23 +130,61 @@ def image_token_id(processor) -> int:
     return int(token_id)
 
 
+def placeholder_mismatch(prompt_ids: Sequence[int], num_images: int, processor) -> str | None:
+    """Why the image placeholders of `prompt_ids` and `num_images` images do not pair up one to one, or None.
+
+    Counted with or without images: a placeholder without its image fails the model's forward ("image
+    features and image tokens do not match"). A text model's tokenizer names no image token: None."""
+    pad = getattr(processor, "image_token_id", None)
+    if pad is None:
+        return None
+    count = sum(1 for t in prompt_ids if t == pad)
+    if count == num_images:
+        return None
+    return f"the prompt has {count} image placeholder(s) for {num_images} image(s)"
+
+
+def _check_image_processor(images: Sequence, processor) -> None:
+    if not hasattr(processor, "image_processor"):
+        raise ConfigError(f"{len(images)} image(s) but {type(processor).__name__} has no image processor: the policy "
+                          "is a text-only model (use --data.text-only or --data.ignore-images for it)")
+
+
+def expanded_length(prompt_ids: Sequence[int], images: Sequence, processor) -> int:
+    """`len(expand_image_tokens(prompt_ids, images, processor)[0])` from the images' sizes alone (nothing is
+    decoded): each placeholder becomes the image processor's patch count over the merged patch
+    (`get_number_of_image_patches`, the count vLLM relies on). The placeholders must pair up with the images."""
+    if not images:
+        return len(prompt_ids)
+    _check_image_processor(images, processor)
+    mismatch = placeholder_mismatch(prompt_ids, len(images), processor)
+    if mismatch:
+        raise ValueError(mismatch)
+    image_processor = processor.image_processor
+    merge = int(getattr(image_processor, "merge_size", 1))
+    tokens = sum(image_processor.get_number_of_image_patches(image.height, image.width) // (merge * merge)
+                 for image in images)
+    return len(prompt_ids) - len(images) + tokens
+
+
 def expand_image_tokens(prompt_ids: Sequence[int], images: Sequence, processor) -> tuple[list[int], dict]:
     """`prompt_ids` with each image placeholder expanded to its image's tokens, and the vision inputs.
 
     Returns (ids, {"pixel_values": [patches, D], "image_grid_thw": [images, 3]}); ({}, ids unchanged)
-    without images. The count of placeholders must equal the count of images.
+    without images. The count of placeholders must equal the count of images, also when there are none.
+    Each image reaches the image processor as `decoded_copy(image)`, the pixels the engine was given.
     """
     ids = [int(t) for t in prompt_ids]
+    if images:
+        _check_image_processor(images, processor)
+    mismatch = placeholder_mismatch(ids, len(images), processor)
+    if mismatch:
+        raise ValueError(mismatch)
     if not images:
         return ids, {}
-    if not hasattr(processor, "image_processor"):
-        raise ConfigError(f"{len(images)} image(s) but {type(processor).__name__} has no image processor: the policy "
-                          "is a text-only model (use --data.text-only or --data.ignore-images for it)")
     pad = image_token_id(processor)
     slots = [i for i, t in enumerate(ids) if t == pad]
-    if len(slots) != len(images):
-        raise ValueError(f"the prompt has {len(slots)} image placeholder(s) for {len(images)} image(s)")
-    encoded = processor.image_processor(images=list(images), return_tensors="pt")
+    encoded = processor.image_processor(images=[decoded_copy(image) for image in images], return_tensors="pt")
     grid = encoded["image_grid_thw"]
     merge = int(getattr(processor.image_processor, "merge_size", 1))
     counts = (grid.prod(-1) // (merge * merge)).tolist()

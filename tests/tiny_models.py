@@ -136,8 +136,9 @@ def byte_tokenizer():
     return tokenizer
 
 
-def tiny_llama(tokenizer, *, seed: int = 0, hidden: int = 64, layers: int = 2):
-    """A random LlamaForCausalLM over `tokenizer`'s vocabulary (hidden 64, 2 layers: ~90k params with byte ids).
+def tiny_llama(tokenizer, *, seed: int = 0, hidden: int = 64, layers: int = 2, tied: bool = True):
+    """A random LlamaForCausalLM over `tokenizer`'s vocabulary (hidden 64, 2 layers: ~90k params with byte ids);
+    `tied=False` gives it an output head of its own (Qwen2.5-VL-7B's layout; the 3B ties them).
 
     initializer_range 0.2, not the default 0.02: at 0.02 greedy decoding just repeats the last prompt token.
     """
@@ -146,7 +147,7 @@ def tiny_llama(tokenizer, *, seed: int = 0, hidden: int = 64, layers: int = 2):
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=tied,
         initializer_range=0.2,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )

@@ -21,6 +21,10 @@ attempt's reason. A prompt is scored once, after its one successful attempt. A p
 cannot be decoded never reaches a backend (where it would fail its whole batch on every retry): it
 comes out at once as a `FailedPrompt` with no attempts.
 
+Images: each request's images are decoded once, off the loop, into copies of its own in the processor's
+RGB (`decode_images`), before any backend sees them; the backend and the group's wire message (so the
+learner) get those same pixels, and the dataset's shared, lazily decoded images are never loaded.
+
 Dynamic sampling (dropping groups whose rewards are all equal) is the consumer's: a learner consuming an
 ordered stream filters them itself, with `medvl_engine.rollout.groups.is_constant`, so that dropped positions
 are still accounted for.
@@ -269,10 +273,11 @@ class RolloutPool:
         if request.images:
             # A broken image fails every attempt and, on a batching backend, every prompt of its batch:
             # decode here (off the loop; PIL releases the GIL) so it fails alone, once, with its name.
-            broken = await asyncio.get_running_loop().run_in_executor(None, undecodable_image, request)
+            images, broken = await asyncio.get_running_loop().run_in_executor(None, decode_images, request)
             if broken:
                 self._load[index] -= 1
                 return FailedPrompt(request, broken, attempts=0, errors=(broken,))
+            request.images = images
         errors: list[str] = []
         failed_on: list[int] = []
         for attempt in range(1, self.retries + 2):
@@ -323,18 +328,22 @@ class RolloutPool:
         )
 
 
-def undecodable_image(request: PromptRequest) -> str | None:
-    """Why an image of `request` cannot be decoded (naming the question and the image), or None.
+def decode_images(request: PromptRequest) -> tuple[list, str | None]:
+    """The images of `request`, each decoded into a copy of its own in the processor's RGB
+    (`medvl_engine.vision.decoded_copy`: the request's images are shared with every other position of
+    its sample, and PIL cannot decode one image object from two threads), and why one cannot be decoded
+    (naming the question and the image), or None."""
+    from medvl_engine.vision import decoded_copy
 
-    Decoding keeps the pixels on the image, where the backend would have put them a moment later."""
     sample = request.sample
     where = f"{sample.dataset_name}[{sample.dataset_index}]" if sample is not None else request.prompt_id
+    images = []
     for i, image in enumerate(request.images):
         try:
-            image.load()
+            images.append(decoded_copy(image))
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for damaged files
-            return f"question {where}: image {i} cannot be decoded ({exc}); the question is not generated"
-    return None
+            return [], f"question {where}: image {i} cannot be decoded ({exc}); the question is not generated"
+    return images, None
 
 
 def run_to_end(coroutine):

@@ -82,17 +82,44 @@ def build_request(renderer, sample, prompt_id: str, *, seed: int | None = None, 
                   max_prompt_tokens: int | None = None, render: Callable | None = None) -> PromptRequest:
     """The prompt of `sample` (MedVLThinker's, through the model's chat template, unless a task brings its
     own `render(renderer, sample) -> str`) as text and token ids (images as one placeholder each; the
-    engine expands them), with its images, seed and position."""
-    from medvl_engine.prompts import render_prompt
+    engine expands them), with its images, seed and position.
 
+    Checked here, before anything is generated, naming the row: the image placeholders pair up with the
+    images (`DataError`), and the prompt with its image tokens expanded as the processor expands them, the
+    length the learner checks, fits `max_prompt_tokens` (`ConfigError`; prompts are never truncated)."""
+    from medvl_engine.prompts import render_prompt
+    from medvl_engine.vision import expanded_length
+
+    where = f"{sample.dataset_name}[{sample.dataset_index}] (prompt {prompt_id})"
     text = (render or render_prompt)(renderer, sample)
     tokenizer = getattr(renderer, "tokenizer", renderer)
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_prompt_tokens is not None and len(input_ids) > max_prompt_tokens:
-        raise ConfigError(f"{sample.dataset_name}[{sample.dataset_index}]: the prompt has {len(input_ids)} tokens "
-                          f"> rollout.max_prompt_tokens {max_prompt_tokens} (prompts are never truncated)")
+    _check_image_placeholders(renderer, sample, input_ids, where)
+    if max_prompt_tokens is not None:
+        length = expanded_length(input_ids, sample.images, renderer)
+        if length > max_prompt_tokens:
+            images = f" ({len(input_ids)} + the tokens of {len(sample.images)} image(s))" if sample.images else ""
+            raise ConfigError(f"{where}: the prompt has {length} tokens{images} > rollout.max_prompt_tokens "
+                              f"{max_prompt_tokens} (prompts are never truncated)")
     return PromptRequest(prompt_id, input_ids=input_ids, text=text, images=list(sample.images), sample=sample,
                          seed=seed, position=position)
+
+
+def _check_image_placeholders(renderer, sample, input_ids: list[int], where: str) -> None:
+    """A `DataError` naming the row, and the field when a text field holds the placeholder, unless the
+    prompt's image placeholders and the sample's images pair up (with or without images). The chat template
+    places one placeholder per image (`prompts.build_messages`), so an extra one comes from the row's text
+    and a missing one from a render that dropped the images."""
+    from medvl_engine.vision import placeholder_mismatch
+
+    mismatch = placeholder_mismatch(input_ids, len(sample.images), renderer)
+    if mismatch is None:
+        return
+    token = getattr(renderer, "tokenizer", renderer).convert_ids_to_tokens(renderer.image_token_id)
+    fields = {"field 'question'": sample.question, **{f"field 'options'[{k}]": v for k, v in sample.options.items()}}
+    holders = [name for name, value in fields.items() if token in value]
+    found = f"; the row's text holds the placeholder {token!r} ({', '.join(holders)})" if holders else ""
+    raise DataError(f"{where}: {mismatch}{found}")
 
 
 class PromptStream:

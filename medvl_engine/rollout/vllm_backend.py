@@ -6,7 +6,8 @@ same answers on every run. Token prompts go as `prompt_token_ids`; prompts with 
 `multi_modal_data`, so vLLM's processor expands the image placeholders itself (its own expansion of a
 token prompt would need the unexpanded ids to match its processor's). Log-probs are the sampled
 tokens' under the temperature-scaled distribution (`logprobs_mode="processed_logprobs"`; with top_p 1
-and top_k off that is `log_softmax(logits / T)`, the learner's definition).
+and top_k off that is `log_softmax(logits / T)`, the learner's definition; with them on vLLM renormalises
+over the kept tokens, so training refuses them: `RolloutConfig.require_full_distribution`).
 
 Weights: vLLM's engine core runs in its own process, so new weights reach it through a Hugging Face
 folder: `update_weights_from_disk` calls the workers' `reload_weights(weights_path=...)` over

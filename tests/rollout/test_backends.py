@@ -5,7 +5,8 @@ Each backend loads the same tiny random Llama from a folder (attention head size
 attention needs >= 32) and must: answer n samples per prompt, reproduce a seeded request, return the
 log-probs of the sampled tokens that a forward pass of the same model gives, take new weights from disk
 and from tensors (the answers change, the version follows), and run the pool end to end (groups stream
-out scored and versioned).
+out scored and versioned). The Llama has tied embeddings, which vLLM's CPU build reloads by rebuilding
+its engine; an untied one (Qwen2.5-VL-7B's layout) checks the in-place reload that a GPU always takes.
 
     pytest tests/rollout/test_backends.py                     # hf (vllm/sglang skip when absent)
     .venv-vllm/bin/python -m pytest -m vllm tests/rollout/test_backends.py
@@ -38,9 +39,9 @@ BACKENDS = [pytest.param("hf", id="hf"), pytest.param("vllm", id="vllm", marks=p
             pytest.param("sglang", id="sglang", marks=pytest.mark.gpu)]
 
 
-def save_llama(folder: Path, seed: int) -> Path:
+def save_llama(folder: Path, seed: int, *, tied: bool = True) -> Path:
     tokenizer = byte_tokenizer()
-    tiny_llama(tokenizer, seed=seed, hidden=128).save_pretrained(folder)  # 4 heads of 32
+    tiny_llama(tokenizer, seed=seed, hidden=128, tied=tied).save_pretrained(folder)  # 4 heads of 32
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -129,6 +130,47 @@ def test_weight_updates_change_the_answers_and_the_version(engine, folders):
     run(engine, backend.update_weights_from_tensors(tensors.items(), 2))
     restored = run(engine, backend.generate(request, greedy))[0]
     assert backend.weight_version == 2 and restored.token_ids.tolist() == before.token_ids.tolist()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_an_untied_model_updates_in_place_to_the_logprobs_of_its_new_weights(name, tmp_path):
+    """Untied input and output embeddings (Qwen2.5-VL-7B's layout) take vLLM's in-place reload everywhere;
+    the tied Llama above takes the CPU build's engine rebuild instead. After an update from disk, and one
+    from tensors, the sampled answers carry the log-probs of a float32 forward pass of the new weights: a
+    head or layer left over from the old weights would not."""
+    reason = _available(name)
+    if reason:
+        pytest.skip(reason)
+    v0, v1 = save_llama(tmp_path / "v0", seed=1, tied=False), save_llama(tmp_path / "v1", seed=2, tied=False)
+    cfg = RolloutConfig(backend=name, dtype="fp32", max_prompt_tokens=2048, max_response_tokens=64, max_batch=16)
+    backend = make_rollout_backend(cfg, str(v0))
+    loop = asyncio.new_event_loop()
+    engine = (name, backend, loop)
+    if name == "vllm":
+        assert not backend.rebuild_on_update, "an untied model reloads in place"
+    request = prompt("Which option is right?", seed=17)
+    try:
+        before = run(engine, backend.generate(request, PARAMS))
+        run(engine, backend.update_weights_from_disk(str(v1), 1))
+        after = run(engine, backend.generate(request, PARAMS))
+        assert all(c.weight_version == 1 for c in after)
+        assert [c.token_ids.tolist() for c in after] != [c.token_ids.tolist() for c in before]
+        for c in after:
+            np.testing.assert_allclose(c.logprobs, forward_logprobs(v1, request.input_ids, c.token_ids),
+                                       atol=LOGPROB_ATOL[name])
+        from safetensors.torch import load_file
+
+        run(engine, backend.update_weights_from_tensors(load_file(str(v0 / "model.safetensors")).items(), 2))
+        restored = run(engine, backend.generate(request, PARAMS))
+        assert all(c.weight_version == 2 for c in restored)
+        for c in restored:
+            np.testing.assert_allclose(c.logprobs, forward_logprobs(v0, request.input_ids, c.token_ids),
+                                       atol=LOGPROB_ATOL[name])
+        # The same seed on the same weights: version 0's samples again.
+        assert [c.token_ids.tolist() for c in restored] == [c.token_ids.tolist() for c in before]
+    finally:
+        loop.run_until_complete(backend.shutdown())
+        loop.close()
 
 
 def test_the_pool_streams_scored_versioned_groups(engine, folders):
