@@ -159,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A command that kept its partial work says so in the interrupt's message.
         print(f"medvl-engine {name}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        code = getattr(exc, "exit_code", 130)  # a preempted trainer: 128 + its signal (143 for SIGTERM)
         if own_process:
-            _stop_now_if_threads_remain(130)
-        return 130
+            _stop_now_if_threads_remain(code)
+        return code
     except USER_ERRORS as exc:
         if debug:
             raise

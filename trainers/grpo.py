@@ -21,6 +21,7 @@ its groups go to timeline.jsonl (`--no-profile.timeline`: off), drawn by `medvl-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -305,6 +306,7 @@ def table_row(row: dict, header: bool) -> str:
 def run(cfg: GRPOConfig, *, resume: bool | None = None, overwrite: bool | None = None,
         allow_changes: bool | None = None, feed=None, sync=None, on_step=None) -> list[dict]:
     """Train `cfg.steps` steps (from the last checkpoint with `cfg.resume`); returns the per-step metrics.
+    SIGTERM or Ctrl-C stops it after the step in flight, with a checkpoint: `preemption.Preempted`.
 
     `resume`, `overwrite`, `allow_changes` override the config's switches of the same names when given.
 
@@ -316,6 +318,7 @@ def run(cfg: GRPOConfig, *, resume: bool | None = None, overwrite: bool | None =
     from medvl_engine.trainers.learner import Learner
     from medvl_engine.trainers.metrics import MetricsLog, RolloutLog
     from medvl_engine.trainers.placement import build_source, make_weight_sync
+    from medvl_engine.trainers.preemption import StopAfterStep, preempted
 
     cfg = with_switches(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
     resume = cfg.resume
@@ -345,35 +348,48 @@ def run(cfg: GRPOConfig, *, resume: bool | None = None, overwrite: bool | None =
     profiler = StepProfiler.from_config(cfg.profile, run_dir, learner.rank)
     bar = Progress(cfg.steps, "grpo", unit="step", initial=trainer.step_index, enabled=learner.rank == 0,
                    heartbeat=True)
-    try:
-        with (MetricsLog(run_dir, learner.rank, resume_step=resume_step, config=cfg) as log, rollouts,
-              trainer.timeline, profiler, bar):
-            while trainer.step_index < cfg.steps:
-                profiler.begin(trainer.step_index + 1)
-                row = trainer.step()
-                profiler.end(row["step"])
-                history.append(row)
-                log.write(row)
-                rollouts.write(row["step"], trainer.last_groups)
-                bar.set_postfix(f"reward {row['reward']:.3f}")
-                bar.update(1)
-                if learner.rank == 0 and (row["step"] - 1) % cfg.logging.log_every == 0:
-                    bar.write(table_row(row, header=len(history) == 1))
-                if on_step:
-                    on_step(trainer, row)
-                if cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0:
-                    checkpoint.save_checkpoint(learner, run_dir, trainer.step_index, trainer.client_state(),
-                                               keep=cfg.checkpoint.keep)
-            last_saved = cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0
-            if history and cfg.checkpoint.final and not last_saved:
-                # The end of the run is a checkpoint (checkpoint.every 0: only there) unless checkpoint.final is off.
-                checkpoint.save_checkpoint(learner, run_dir, trainer.step_index, trainer.client_state(),
-                                           keep=cfg.checkpoint.keep)
-        if cfg.checkpoint.export:
-            checkpoint.export_hf(learner, run_dir / run_folder.EXPORT)
-    finally:
-        source.close()
+    # SIGTERM / Ctrl-C: the step in flight finishes, a checkpoint follows, `Preempted` says where (preemption.py).
+    # The handlers stay in place until the workers are stopped: a second signal meanwhile still exits at once.
+    signals = StopAfterStep("grpo", run_dir, announce=learner.rank == 0, abort=lambda: _stop_worker_processes(source))
+    with (signals, contextlib.closing(source),
+          MetricsLog(run_dir, learner.rank, resume_step=resume_step, config=cfg) as log, rollouts, trainer.timeline,
+          profiler, bar):
+        while trainer.step_index < cfg.steps:
+            profiler.begin(trainer.step_index + 1)
+            row = trainer.step()
+            profiler.end(row["step"])
+            history.append(row)
+            log.write(row)
+            rollouts.write(row["step"], trainer.last_groups)
+            bar.set_postfix(f"reward {row['reward']:.3f}")
+            bar.update(1)
+            if learner.rank == 0 and (row["step"] - 1) % cfg.logging.log_every == 0:
+                bar.write(table_row(row, header=len(history) == 1))
+            if on_step:
+                on_step(trainer, row)
+            # A signal during the last step lets the run end as usual (final checkpoint, export, exit 0).
+            signum = signals.requested(learner.world_size, learner.device) if trainer.step_index < cfg.steps else 0
+            if signum or (cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0):
+                saved = checkpoint.save_checkpoint(learner, run_dir, trainer.step_index, trainer.client_state(),
+                                                   keep=cfg.checkpoint.keep)
+            if signum:
+                raise preempted("grpo", signum, run_dir, saved, trainer.step_index, cfg.steps,
+                                announce=learner.rank == 0)
+        last_saved = cfg.checkpoint.every and trainer.step_index % cfg.checkpoint.every == 0
+        if history and cfg.checkpoint.final and not last_saved:
+            # The end of the run is a checkpoint (checkpoint.every 0: only there) unless checkpoint.final is off.
+            checkpoint.save_checkpoint(learner, run_dir, trainer.step_index, trainer.client_state(),
+                                       keep=cfg.checkpoint.keep)
+    if cfg.checkpoint.export:
+        checkpoint.export_hf(learner, run_dir / run_folder.EXPORT)
     return history
+
+
+def _stop_worker_processes(source) -> None:
+    """After a second signal, before the learner exits at once: the rollout worker processes it started would
+    outlive it (terminated, killed after 10 s). A colocated engine needs nothing: it ends with the process."""
+    for worker in getattr(source.feed, "workers", ()):
+        worker.stop()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -382,8 +398,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from medvl_engine.trainers.distributed import shutdown
+    from medvl_engine.trainers.preemption import Preempted, exit_code
 
     cfg = config_lib.from_args(GRPOConfig, args)
-    history = run(cfg)
+    try:
+        history = run(cfg)
+    except Preempted as stop:  # SIGTERM or Ctrl-C, after a checkpoint: 143 or 130
+        return exit_code(stop, "grpo")
     shutdown()  # after an error the other ranks are stopped by the launcher; a barrier would hang them
     return 0 if history and all(math.isfinite(r["loss"]) for r in history) else 1

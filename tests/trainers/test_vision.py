@@ -5,6 +5,8 @@ image rows, and the exported policy reloads with identical logits on an image pr
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,70 @@ def test_the_learner_expands_prompts_token_for_token_like_the_engine(tiny_vl_mod
     with pytest.raises(ValueError, match="1 image placeholder"):
         expand_image_tokens(processor.tokenizer(render_prompt(processor, image_samples(1)[0]),
                                                 add_special_tokens=False)["input_ids"], two.images, processor)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from tiny_models import qwen_vl_processor
+
+    return qwen_vl_processor()
+
+
+def _awkward_images() -> dict[str, Image.Image]:
+    """The modes whose alpha or transparency key PIL's bare convert("RGB") drops, and CMYK."""
+    rng = np.random.default_rng(3)
+    palette = Image.fromarray(rng.integers(0, 16, (21, 34), dtype=np.uint8), "P")
+    palette.putpalette(rng.integers(0, 256, 16 * 3, dtype=np.uint8).tolist())
+    palette.info["transparency"] = 5
+    return {"RGBA": Image.fromarray(rng.integers(0, 256, (19, 33, 4), dtype=np.uint8), "RGBA"),
+            "LA": Image.fromarray(rng.integers(0, 256, (30, 17, 2), dtype=np.uint8), "LA"),
+            "P": palette,
+            "CMYK": Image.fromarray(rng.integers(0, 256, (25, 26, 4), dtype=np.uint8), "CMYK")}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "CMYK"])
+def test_model_rgb_is_the_processors_conversion_and_survives_the_wire(processor, mode):
+    from medvl_engine.transport.messages import ImageData
+    from medvl_engine.vision import decoded_copy, model_rgb
+
+    image_processor = processor.image_processor
+    image = _awkward_images()[mode]
+    assert image.mode == mode and (mode == "CMYK" or "A" in image.getbands() or "transparency" in image.info)
+    converted = model_rgb(image)
+    # The processor's own per-image conversion (do_convert_rgb), channels first: the same bytes.
+    processors = np.moveaxis(image_processor.process_image(image, do_convert_rgb=True), 0, -1)
+    assert converted.mode == "RGB" and converted.tobytes() == np.ascontiguousarray(processors).tobytes()
+    # What the engine's processor makes of the dataset's image is what the learner's makes of the wire's.
+    wire = ImageData.from_pil(decoded_copy(image)).to_pil()
+    engine = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert torch.equal(image_processor(images=[wire], return_tensors="pt")["pixel_values"], engine)
+    # And the wire's own conversion of an image no one converted before follows the same rule (once it dropped
+    # the transparency of LA and P: the learner saw other pixels than the engine).
+    direct = ImageData.from_pil(image).to_pil()
+    assert torch.equal(image_processor(images=[direct], return_tensors="pt")["pixel_values"], engine)
+
+
+def test_expanded_length_counts_image_tokens_from_sizes_as_the_expansion_does(processor):
+    from medvl_engine.vision import expand_image_tokens, expanded_length
+
+    sizes = [(1, 1), (27, 29), (56, 56), (57, 113), (448, 448), (1000, 37), (37, 1000), (1500, 1100)]
+    pad = processor.image_token_id
+    for count in range(4):
+        for first in range(len(sizes) - count + 1):
+            images = [Image.new("RGB", size) for size in sizes[first:first + count]]
+            ids = [5, *[pad] * count, 6, 7]
+            expanded, _ = expand_image_tokens(ids, images, processor)
+            assert expanded_length(ids, images, processor) == len(expanded), [im.size for im in images]
+    with pytest.raises(ValueError, match="2 image placeholder"):
+        expanded_length([pad, pad], [Image.new("RGB", (28, 28))], processor)
+
+
+def test_placeholders_without_images_are_counted_too(processor):
+    from medvl_engine.vision import expand_image_tokens
+
+    assert expand_image_tokens([5, 6], [], processor) == ([5, 6], {})
+    with pytest.raises(ValueError, match=r"1 image placeholder\(s\) for 0 image\(s\)"):
+        expand_image_tokens([5, processor.image_token_id, 6], [], processor)
 
 
 def test_images_cross_the_wire_pixel_exact():
@@ -124,7 +190,7 @@ def test_sft_on_image_rows_lowers_the_loss_and_the_export_reloads_with_identical
     from medvl_engine.trainers.learner import Learner
     from medvl_engine.trainers.model import load_processor as policy_processor
     from medvl_engine.trainers.model import load_tokenizer
-    from medvl_engine.trainers.sft import SFTTrainer, load_examples, total_steps
+    from medvl_engine.trainers.sft import SFTTrainer, load_rows, total_steps
     from medvl_engine.vision import expand_image_tokens, load_processor
 
     cfg = config_lib.build(SFTConfig, {
@@ -135,12 +201,13 @@ def test_sft_on_image_rows_lowers_the_loss_and_the_export_reloads_with_identical
         "output": str(tmp_path / "run"),
         "epochs": 4, "global_batch_size": 2,
     })
-    examples = load_examples(cfg, load_tokenizer(cfg.model.path), policy_processor(cfg.model.path))
-    assert all(e.vision for e in examples)  # the first bundled rows all have images
+    rows = load_rows(cfg, load_tokenizer(cfg.model.path), policy_processor(cfg.model.path))
+    assert all(r.sample.images for r in rows)  # the first bundled rows all have images
     learner = Learner.build(cfg.model, cfg.optim, cfg.deepspeed, train_batch_size=2,
-                            total_steps=total_steps(cfg, len(examples)))
-    trainer = SFTTrainer(cfg, learner, examples)
-    losses = [trainer.train_step(step)["loss"] for step in range(trainer.total_steps)]
+                            total_steps=total_steps(cfg, len(rows)))
+    trainer = SFTTrainer(cfg, learner, rows)
+    with closing(trainer):
+        losses = [trainer.train_step(step)["loss"] for step in range(trainer.total_steps)]
     assert sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2, losses
 
     export = export_hf(learner, tmp_path / "export")
