@@ -179,16 +179,33 @@ def test_sft_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tiny_cha
     assert step_logs(run_dir) == step_logs(uninterrupted)
 
 
+def split(tmp_path: Path) -> tuple[str, ...]:
+    return "--transport.endpoint", f"ipc://{tmp_path}/groups.sock", "--transport.workers", "1"
+
+
+@pytest.fixture(scope="module")
+def split_uninterrupted(tiny_chat_model, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("split-uninterrupted")
+    run_dir = folder / "run"
+    code, err = finish(start("grpo", tiny_chat_model, run_dir, *split(folder)), run_dir)
+    assert code == 0, err[-3000:]
+    return run_dir
+
+
 @pytest.mark.slow
-def test_a_split_learner_stops_its_rollout_worker_when_preempted(tiny_chat_model, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_split_learner_stops_its_rollout_worker_when_preempted_and_resumes_exactly(
+        tiny_chat_model, split_uninterrupted, tmp_path, signum):
     run_dir = tmp_path / "run"
-    process = start("grpo", tiny_chat_model, run_dir, "--transport.endpoint", f"ipc://{tmp_path}/groups.sock",
-                    "--transport.workers", "1")
+    process = start("grpo", tiny_chat_model, run_dir, *split(tmp_path))
     wait_for_step(process, run_dir, 3)
     worker = rollout_worker(process)
-    process.send_signal(signal.SIGTERM)
-    assert_stopped_with_checkpoint("grpo", *finish(process, run_dir), run_dir, signal.SIGTERM)
+    process.send_signal(signum)
+    assert_stopped_with_checkpoint("grpo", *finish(process, run_dir), run_dir, signum)
     assert gone(worker)
+
+    resume("grpo", run_dir)  # its config names the same endpoint: a new worker resumes the stream where it stood
+    assert step_logs(run_dir) == step_logs(split_uninterrupted)
 
 
 @pytest.mark.slow
