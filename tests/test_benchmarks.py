@@ -111,7 +111,7 @@ def rows_of(started: dict, name: str, *, table: str) -> list[dict]:
 def test_every_benchmark_script_is_run_by_a_test():
     scripts = {p.name for p in FOLDER.glob("*.py")}
     here = {benchmark(name).script for name in ("build_data", "kernels", "learner", "passrate", "rollout",
-                                                "soak", "weight_sync")}
+                                                "scale", "soak", "weight_sync")}
     assert scripts == here | RUN_BY_TEST_BENCH
     assert {b.script for b in BENCHMARKS.values()} <= scripts
 
@@ -173,3 +173,11 @@ def test_soak(started):
     assert runs["quiet"]["dropped_total"] == 0 and runs["attacked"]["dropped_total"] > 0
     assert runs["attacked"]["drop_wrong_key"] > 0 and runs["attacked"]["drop_no_hello"] > 0
     assert len([r for r in rows if r["run"] == "per_step"]) == 30
+
+
+def test_scale(started):
+    """MedVLThinker's data paths at a thousandth of their rows, with an engine that answers instantly: every
+    path reports its overhead per answer, its peak memory and its share of a published decode rate."""
+    rows = rows_of(started, "scale", table="path")
+    assert {"passrate", "curate", "eval"} <= {r["path"] for r in rows}
+    assert all(r["us_per_answer"] > 0 and r["peak_rss_mib"] > 0 for r in rows if "us_per_answer" in r)
