@@ -54,6 +54,10 @@ class ModelConfig:
     attn_implementation: str = param("sdpa", "transformers attention implementation")
     fused_logprobs: bool = param(True, "answer log-probs from the final hidden states through the fused output "
                                  "head (the [B, L, V] logits never exist); off: full logits, then log-softmax")
+    freeze_vision: bool = param(False, "the vision tower (patch embedding and blocks of an image-text model) gets no "
+                                "gradient and no optimizer state; it stays as loaded and is still exported")
+    freeze_merger: bool = param(False, "the merger (the projector from the vision tower into the language model: "
+                                "Qwen2.5-VL's visual.merger) too; with freeze_vision, only the language model trains")
 
     def __post_init__(self):
         if not self.attn_implementation:

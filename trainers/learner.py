@@ -25,7 +25,7 @@ import torch
 
 from medvl_engine.trainers.config import DeepSpeedConfig, ModelConfig, OptimConfig, deepspeed_config
 from medvl_engine.trainers.distributed import device, init_distributed
-from medvl_engine.trainers.model import DTYPES, load_policy, load_tokenizer
+from medvl_engine.trainers.model import DTYPES, freeze_vision, load_policy, load_tokenizer
 
 
 @dataclass
@@ -112,6 +112,7 @@ class Learner:
         tokenizer = load_tokenizer(model_cfg.path)
         # DeepSpeed casts to bf16/fp16 itself; loading in fp32 keeps its fp32 master weights exact.
         model = load_policy(model_cfg.path, "fp32", model_cfg.attn_implementation)
+        freeze_vision(model, tower=model_cfg.freeze_vision, merger=model_cfg.freeze_merger)
         if fused_logprobs:
             install_fused_head(model)
         if model_cfg.gradient_checkpointing:
