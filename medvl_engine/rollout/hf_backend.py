@@ -182,7 +182,7 @@ class HFBackend(Backend):
         params = batch[0].params
         version = self._version
         requests = [job.request for job in batch for _ in range(job.params.n)]
-        inputs = self._encode(requests)
+        inputs = self._encode([job.request for job in batch], [job.params.n for job in batch])
         sampler = RequestSampler(
             [job.params.n for job in batch], [None if params.greedy else self._generator(job) for job in batch],
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
@@ -218,13 +218,18 @@ class HFBackend(Backend):
             seed = int(torch.randint(0, 2**62, (1,)).item())
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def _encode(self, requests: list[PromptRequest]) -> dict[str, torch.Tensor]:
+    def _encode(self, requests: list[PromptRequest], repeats: list[int]) -> dict[str, torch.Tensor]:
+        """The model inputs of `requests`, request i as `repeats[i]` rows (its n answers), left-padded.
+
+        A prompt's images go through the image processor once, not once per answer (verl #5171: n times the
+        preprocessing): its pixel rows are then repeated, so the inputs equal processing every row."""
+        counts = torch.tensor(repeats)
         if any(r.images for r in requests):
             texts = [r.text if r.text is not None else self.tokenizer.decode(r.input_ids) for r in requests]
             # One flat list, in row order: rows without images (0 of them) have no placeholder to fill.
             encoded = self.processor(text=texts, images=[im for r in requests for im in r.images], padding=True,
                                      padding_side="left", return_tensors="pt")
-            return {k: v.to(self.device) for k, v in encoded.items()}
+            return {k: v.to(self.device) for k, v in _repeat_rows(encoded, requests, counts).items()}
         ids = [r.input_ids if r.input_ids is not None else self.tokenizer(r.text, add_special_tokens=False).input_ids
                for r in requests]
         width = max(len(x) for x in ids)
@@ -233,7 +238,8 @@ class HFBackend(Backend):
         for row, x in enumerate(ids):
             input_ids[row, width - len(x):] = torch.tensor(x, dtype=torch.long)
             attention_mask[row, width - len(x):] = 1
-        return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+        return {"input_ids": input_ids.repeat_interleave(counts, 0).to(self.device),
+                "attention_mask": attention_mask.repeat_interleave(counts, 0).to(self.device)}
 
     def _completion(self, tokens: np.ndarray, logprobs: np.ndarray | None, stop: tuple[str, ...],
                     version: int) -> Completion:
@@ -392,6 +398,30 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return {int(i) for i in ids}
+
+
+def _repeat_rows(encoded, requests: list[PromptRequest], counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A processor's output for one row per request, as `counts[i]` rows of request i: per-row tensors repeat
+    their row; `pixel_values` repeats each request's block of image rows (Qwen2-VL's flattened patches: t*h*w
+    rows an image, as `image_grid_thw` says; otherwise one row an image), `image_grid_thw` its images' lines."""
+    images = [len(r.images) for r in requests]
+    grid = encoded.get("image_grid_thw")
+    per_image = grid.prod(-1).tolist() if grid is not None else [1] * sum(images)
+    out = {}
+    for key, value in encoded.items():
+        if key in ("pixel_values", "image_grid_thw"):
+            sizes = per_image if key == "pixel_values" else [1] * sum(images)
+            blocks = list(torch.split(value, sizes))
+            by_request, start = [], 0
+            for count in images:
+                by_request.append(torch.cat(blocks[start:start + count]) if count else value[:0])
+                start += count
+            out[key] = torch.cat([block for block, n in zip(by_request, counts.tolist()) for _ in range(n)])
+        elif torch.is_tensor(value) and value.dim() and value.shape[0] == len(requests):
+            out[key] = value.repeat_interleave(counts, 0)
+        else:
+            out[key] = value
+    return out
 
 
 def load_model_and_processor(path: str, *, dtype: str | torch.dtype | None = None):

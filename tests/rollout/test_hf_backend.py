@@ -323,3 +323,41 @@ def test_request_sampler_draws_exactly_across_blocks_of_a_large_vocabulary():
     picked, total = inverse_cdf(weights, edges)
     assert picked.tolist() == [0, vocab - 1]
     np.testing.assert_allclose(total.numpy(), weights[0].double().sum().item(), rtol=1e-6)  # float32 block sums
+
+
+def test_a_prompts_images_are_processed_once_for_its_n_answers():
+    """(Once the image processor ran n times per prompt: every answer's row carried its own copy, verl #5171.)
+    The inputs equal processing every row, and the image processor sees each image once."""
+    tokenizer = qwen_tokenizer()
+    processor = image_only_qwen2_5_vl_processor(tokenizer)
+    backend = HFBackend(tiny_qwen2_5_vl(tokenizer), processor, max_batch=16)
+    requests = []
+    for i, images in enumerate([[_image(1, (90, 60))], [], [_image(2, (40, 40)), _image(3, (56, 84))]]):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": f"Finding {i}?"}]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        requests.append(PromptRequest(f"vl{i}", text=text, images=images))
+    repeats = [3, 2, 4]
+    rows = [r for r, n in zip(requests, repeats) for _ in range(n)]
+    every_row = processor(text=[r.text for r in rows], images=[im for r in rows for im in r.images], padding=True,
+                          padding_side="left", return_tensors="pt")
+
+    seen = []
+    preprocess = processor.image_processor.preprocess
+
+    def counting(images, *args, **kwargs):
+        def flat(x):
+            return [im for y in x for im in flat(y)] if isinstance(x, (list, tuple)) else [x]
+
+        seen.extend(flat(images))
+        return preprocess(images, *args, **kwargs)
+
+    processor.image_processor.preprocess = counting  # what the image processor's __call__ runs
+    try:
+        inputs = backend._encode(requests, repeats)
+    finally:
+        del processor.image_processor.preprocess
+    assert len(seen) == 3  # each image once (the old way: 3 x 1 + 4 x 2 = 11)
+    assert set(inputs) == set(every_row)
+    for key, value in every_row.items():
+        assert torch.equal(inputs[key], value), key

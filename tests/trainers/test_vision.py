@@ -114,6 +114,34 @@ def test_placeholders_without_images_are_counted_too(processor):
         expand_image_tokens([5, processor.image_token_id, 6], [], processor)
 
 
+def test_the_learner_processes_a_prompts_images_once_for_its_n_answers(processor):
+    """RolloutBatch runs the image processor once per group and its n answers share the result."""
+    from medvl_engine.trainers.rollout_batch import RolloutBatch
+    from medvl_engine.transport.messages import RolloutGroup
+
+    n = 4
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    group = RolloutGroup.build(
+        producer="w0", seq=0, prompt_id="q0", dataset_name="slake", dataset_index=0, weight_version=0,
+        answer_label="A", prompt_ids=[5, processor.image_token_id, 6], response_ids=[[7, 8]] * n,
+        logprobs=[[-0.5, -0.5]] * n, texts=["A"] * n, finish_reasons=["stop"] * n, rewards=[1.0] * n,
+        correct=[True] * n, format_ok=[True] * n, letters=["A"] * n, position=0, images=[image])
+    seen = []
+    preprocess = processor.image_processor.preprocess
+
+    def counting(images, *args, **kwargs):
+        seen.append(images)
+        return preprocess(images, *args, **kwargs)
+
+    processor.image_processor.preprocess = counting  # what the image processor's __call__ runs
+    try:
+        batch = RolloutBatch.from_groups([group], max_prompt_tokens=4096, max_response_tokens=8, processor=processor)
+    finally:
+        del processor.image_processor.preprocess
+    assert len(seen) == 1 and len(batch) == n
+    assert all(batch.vision[i]["pixel_values"] is batch.vision[0]["pixel_values"] for i in range(n))
+
+
 def test_images_cross_the_wire_pixel_exact():
     from medvl_engine.transport.messages import RolloutGroup, decode, encode, shape_error
 
