@@ -48,27 +48,37 @@ def _check_record(record: object, where: str, error: type[Exception] = RunFolder
     return record
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """All records of a complete results file, checked: valid JSON, the layout's keys, unique indices."""
+def iter_records(path: str | Path) -> Iterator[tuple[dict, int, int]]:
+    """The records of a complete results file one at a time, checked (valid JSON, the layout's keys, unique
+    indices), each with its line's byte offset and length: memory flat in the file's size (a pass-rate run of
+    PMC-VQA writes ~177k records of ~30 KiB)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file {path} does not exist")
-    records, seen = [], {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    seen: dict[int, int] = {}
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                record = _check_record(json.loads(line), where)
+                record = _check_record(json.loads(raw.decode("utf-8")), where)
             except json.JSONDecodeError as exc:
                 raise RunFolderError(f"{where}: not valid JSON ({exc.msg})") from None
+            except UnicodeDecodeError as exc:
+                raise RunFolderError(f"{where}: not UTF-8 ({exc.reason})") from None
             index = record["dataset_index"]
             if index in seen:
                 raise RunFolderError(f"{where}: dataset_index {index} already written on line {seen[index]}")
             seen[index] = lineno
-            records.append(record)
-    return records
+            yield record, start, len(raw)
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """All records of a complete results file, checked (see `iter_records`)."""
+    return [record for record, _, _ in iter_records(path)]
 
 
 class ResultsFile:
@@ -93,7 +103,7 @@ class ResultsFile:
             if keep < len(data):
                 with self.path.open("r+b") as f:
                     f.truncate(keep)
-            for record in read_records(self.path):
+            for record, _, _ in iter_records(self.path):
                 self.done.add(record["dataset_index"])
         self._file = self.path.open("a", encoding="utf-8")
         return set(self.done)
@@ -122,8 +132,15 @@ class ResultsFile:
     def finalize(self) -> None:
         """Rewrite the file sorted by `dataset_index` (atomically: a crash leaves the old file)."""
         self.close()
-        records = sorted(read_records(self.path), key=lambda r: r["dataset_index"])
-        write_atomically(self.path, "".join(encode_record(r) for r in records), fsync=True)
+        # Sorted by where each line is, not by holding the records: one record in memory at a time.
+        order = sorted((record["dataset_index"], start, length) for record, start, length in iter_records(self.path))
+        with self.path.open("rb") as source:
+            def lines():
+                for _, start, length in order:
+                    source.seek(start)
+                    yield encode_record(json.loads(source.read(length).decode("utf-8")))
+
+            write_atomically(self.path, lines(), fsync=True)
 
     def __enter__(self) -> ResultsFile:
         self.open()
@@ -135,5 +152,5 @@ class ResultsFile:
 
 def iter_pass_counts(path: str | Path) -> Iterator[tuple[int, int, int]]:
     """(dataset_index, num_correct, num_rollouts) of every record of a results file."""
-    for record in read_records(path):
+    for record, _, _ in iter_records(path):
         yield record["dataset_index"], int(record["num_correct"]), int(record["num_rollouts"])

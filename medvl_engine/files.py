@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
-def write_atomically(path: str | Path, data: str | bytes, *, fsync: bool = False) -> Path:
-    """Write `data` (text as UTF-8) to a temporary file beside `path`, then rename it over `path`: a reader,
-    or a run that stops midway, sees the old file or the new one, never a truncated mix. `fsync` also
-    survives a machine crash (the data reach the disk before the rename)."""
+def write_atomically(path: str | Path, data: str | bytes | Iterable[str | bytes], *, fsync: bool = False) -> Path:
+    """Write `data` (text as UTF-8; an iterable of pieces is written piece by piece) to a temporary file beside
+    `path`, then rename it over `path`: a reader, or a run that stops midway, sees the old file or the new one,
+    never a truncated mix. `fsync` also survives a machine crash (the data reach the disk before the rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            for piece in [data] if isinstance(data, (str, bytes)) else data:
+                f.write(piece.encode("utf-8") if isinstance(piece, str) else piece)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())

@@ -71,3 +71,35 @@ def test_damage_inside_the_file_is_an_error_naming_the_line(tmp_path, samples):
     path.write_text(encode_record(bad))
     with pytest.raises(RunFolderError, match="1 parsed_outputs but num_rollouts=2"):
         read_records(path)
+
+
+def test_reading_and_finalizing_hold_one_record_at_a_time(tmp_path):
+    """A pass-rate run of PMC-VQA writes ~177k records of ~30 KiB: finalize once held every record parsed and
+    the whole sorted file as one string (~15 GB at that size). Peak heap at 4x the records stays flat."""
+    import tracemalloc
+
+    from medvl_engine.evals.results import iter_pass_counts
+
+    def peaks(count: int) -> tuple[int, int]:
+        path = tmp_path / f"results-{count}.jsonl"
+        outputs = [{"output_text": "x" * 2000, "pred_letter": "A", "is_correct": True}] * 8
+        with ResultsFile(path) as results:
+            for i in reversed(range(count)):  # written out of order, as a pool finishes them
+                results.append({"dataset_name": "pmc_vqa", "dataset_index": i, "answer_label": "A", "answer": "a",
+                                "parsed_outputs": outputs, "num_rollouts": 8, "num_correct": 8})
+        tracemalloc.start()
+        try:
+            ResultsFile(path).finalize()
+            finalize = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            assert sum(1 for _ in iter_pass_counts(path)) == count
+            counts = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert [json.loads(line)["dataset_index"] for line in path.read_text().splitlines()] == list(range(count))
+        return finalize, counts, path.stat().st_size
+
+    small_finalize, small_counts, _ = peaks(100)
+    finalize, counts, size = peaks(400)  # a 6.6 MB file
+    assert finalize < size / 8 and counts < size / 8
+    assert finalize < 1.5 * small_finalize + (1 << 20) and counts < 1.5 * small_counts + (1 << 20)
