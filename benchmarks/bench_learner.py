@@ -10,6 +10,11 @@ each with and without the entropy term (`--entropy`).
     python benchmarks/bench_learner.py --hidden 3584 --dtype bf16   # GPU: Qwen2.5-7B's hidden size
     python benchmarks/bench_learner.py --answers 448 448 --prompt 64   # answer-heavy rows
     python benchmarks/bench_learner.py --vocab 512 --prompt 8 --answers 8 4 --repeats 1 --entropy off   # smoke test
+    python benchmarks/bench_learner.py --answers 512 64 256 96 --packed   # answers varying 8x: padded vs packed
+
+`--packed` adds a third path, `packed`: the fused path with the micro-batch's rows end to end in one row
+without padding (`model.packing`; on the CPU SDPA masks it with a [T, T] block-diagonal mask, on a GPU with
+flash-attention it is varlen). `tokens_per_s` counts the real (unpadded) tokens of the micro-batch.
 
 Memory: each configuration runs in its own child process, so one path's allocator state never
 flatters the other, and reports the extra peak above what is live before the step: on a GPU
@@ -34,6 +39,7 @@ from pathlib import Path
 
 VOCAB = 151_936
 PATHS = ("logits", "fused")
+PACKED_PATHS = ("logits", "fused", "packed")
 ENTROPY = {"both": (False, True), "off": (False,), "on": (True,)}
 
 
@@ -52,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="measure the step without the entropy term (off), with it (on) or both; every setting "
                              "costs three child processes")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--packed", action="store_true", help="also the packed path (no padding)")
     parser.add_argument("--out", default=None, help="JSON-lines output")
     parser.add_argument("--child", nargs=3, metavar=("MODEL_DIR", "MODE", "ENTROPY"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -81,7 +88,7 @@ def run_child(args: argparse.Namespace, model_dir: Path, mode: str, entropy: boo
     """`mode` is a path name (measure its memory) or "time" (time both paths, interleaved)."""
     argv = [sys.executable, __file__, "--child", str(model_dir), mode, str(int(entropy)),
             "--prompt", str(args.prompt), "--answers", *map(str, args.answers), "--zero-stage", str(args.zero_stage),
-            "--repeats", str(args.repeats), "--threads", str(args.threads)]
+            "--repeats", str(args.repeats), "--threads", str(args.threads)] + (["--packed"] if args.packed else [])
     if args.dtype:
         argv += ["--dtype", args.dtype]
     out = subprocess.run(argv, capture_output=True, text=True)
@@ -101,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         for entropy in ENTROPY[args.entropy]:
             times = run_child(args, model_dir, "time", entropy)
             base = None
-            for path in PATHS:
+            for path in PACKED_PATHS if args.packed else PATHS:
                 row = run_child(args, model_dir, path, entropy)
                 row.update(times[path], vocab=args.vocab, hidden=args.hidden, layers=args.layers)
                 if path == "logits":
@@ -109,11 +116,12 @@ def main(args: argparse.Namespace) -> int:
                 else:
                     row["mem_vs_logits"] = row["extra_peak_mb"] / base["extra_peak_mb"]
                     row["speedup_vs_logits"] = base["ms"] / row["ms"]
+                row["tokens_per_s"] = row["tokens"] / (row["ms"] / 1e3)
                 rows.append(row)
                 print(f"  {path:6s} entropy={entropy!s:5s} {row['ms']:9.1f} ms  {row['extra_peak_mb']:9.1f} MB",
                       file=sys.stderr)
-    columns = ["op", "path", "entropy", "shape", "answer_rows", "ms", "ms_median", "extra_peak_mb", "mem_vs_logits",
-               "speedup_vs_logits"]
+    columns = ["op", "path", "entropy", "shape", "answer_rows", "ms", "ms_median", "tokens_per_s", "extra_peak_mb",
+               "mem_vs_logits", "speedup_vs_logits"]
     print(f"device: {device_name()}   threads: {rows[0]['threads']}   dtype: {rows[0]['dtype']}")
     print(format_table(rows, columns))
     cuda = torch.cuda.is_available()
@@ -204,11 +212,14 @@ def child(args: argparse.Namespace) -> int:
         if cuda:
             torch.cuda.synchronize()
 
+    paths = PACKED_PATHS if args.packed else PATHS
+    learner.packing = mode == "packed"
     if mode == "time":
-        times = {path: [] for path in PATHS}
+        times = {path: [] for path in paths}
         for i in range(args.repeats + 1):
-            for path in PATHS:
-                learner.fused_logprobs = path == "fused"
+            for path in paths:
+                learner.fused_logprobs = path != "logits"
+                learner.packing = path == "packed"
                 start = time.perf_counter()
                 step()
                 if i:  # the first round warms up
@@ -226,6 +237,7 @@ def child(args: argparse.Namespace) -> int:
         "op": "learner fwd+bwd", "path": mode, "entropy": entropy, "dtype": dtype,
         "shape": f"B={batch} L={length} V={vocab} H={learner.module.config.hidden_size}",
         "batch": batch, "length": length, "answer_rows": int(mask.sum()), "positions": batch * (length - 1),
+        "tokens": int(micro.attention_mask.sum()),
         "zero_stage": args.zero_stage, "threads": torch.get_num_threads(), "extra_peak_mb": extra / 2**20,
     }))
     return 0

@@ -51,7 +51,7 @@ SMALL = {
     "build_data": Benchmark("bench_build_data.py", ("--rows", "16", "--index-rows", "64", "--million", "256",
                                                     "--probe-batches", "1", "--skip", "encoder"), (), ()),
     "learner": Benchmark("bench_learner.py", ("--vocab", "512", "--layers", "1", "--prompt", "8", "--answers", "8",
-                                              "4", "--repeats", "1", "--entropy", "off", "--threads", "1"),
+                                              "4", "--repeats", "1", "--entropy", "off", "--threads", "1", "--packed"),
                          (), (), needs=("deepspeed",), extra="train"),
     # The soak at the size (30 steps): ~1 min on 2 cores.
     "soak": Benchmark("bench_soak.py", ("--steps", "30"), (), (), needs=("deepspeed",), extra="train"),
@@ -136,9 +136,10 @@ def test_kernels(started):
 
 def test_learner(started):
     rows = rows_of(started, "learner", table="op")
-    assert [(r["path"], r["entropy"]) for r in rows] == [("logits", False), ("fused", False)]
+    assert [(r["path"], r["entropy"]) for r in rows] == [("logits", False), ("fused", False), ("packed", False)]
     assert all(r["ms"] > 0 and math.isfinite(r["extra_peak_mb"]) and r["vocab"] == 512 for r in rows)
-    assert rows[1]["speedup_vs_logits"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["tokens"] == 8 + 8 + 8 + 4 for r in rows)
+    assert rows[1]["speedup_vs_logits"] > 0 and rows[2]["speedup_vs_logits"] > 0
 
 
 def test_passrate(started):

@@ -58,10 +58,19 @@ class ModelConfig:
                                 "gradient and no optimizer state; it stays as loaded and is still exported")
     freeze_merger: bool = param(False, "the merger (the projector from the vision tower into the language model: "
                                 "Qwen2.5-VL's visual.merger) too; with freeze_vision, only the language model trains")
+    packing: Literal["auto", "on", "off"] = param(
+        "auto", "the answers of a micro-batch end to end in one row, no padding (position ids restart per answer, "
+        "attention block-diagonal); auto: on with a varlen attention kernel (attn_implementation "
+        "flash_attention_2/3), off otherwise (SDPA and eager build a [tokens, tokens] mask)")
 
     def __post_init__(self):
         if not self.attn_implementation:
             raise ConfigError("model.attn_implementation: may not be empty")
+
+    @property
+    def packing_on(self) -> bool:
+        varlen = self.attn_implementation.startswith("flash_attention")
+        return self.packing == "on" or (self.packing == "auto" and varlen)
 
 
 @dataclass

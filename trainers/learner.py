@@ -58,8 +58,10 @@ class MicroBatch:
                           vision={k: v.to(dev) for k, v in self.vision.items()})
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        """The keyword arguments of the model's forward for this micro-batch."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
+        """The keyword arguments of the model's forward for this micro-batch (a packed row has no attention mask:
+        its `vision` holds its position ids)."""
+        mask = {} if self.attention_mask is None else {"attention_mask": self.attention_mask}
+        return {"input_ids": self.input_ids, **mask, **self.vision}
 
 
 def pad_sequences(sequences: list[list[int]], loss_starts: list[int], pad_id: int) -> MicroBatch:
@@ -79,10 +81,88 @@ def pad_sequences(sequences: list[list[int]], loss_starts: list[int], pad_id: in
     return MicroBatch(ids, attn, ids[:, 1:].clone(), mask)
 
 
+@dataclass
+class Packed:
+    """A micro-batch's sequences end to end in one row, without padding (`pack`): the model's inputs, the
+    targets and mask laid out like them, and where each sequence sits (`unpack` maps values back)."""
+
+    inputs: dict[str, torch.Tensor]
+    targets: torch.Tensor  # [1, T-1]
+    mask: torch.Tensor  # [1, T-1]
+    offsets: list[int]
+    lengths: list[int]
+
+
+def pack(micro: MicroBatch, rope_index=None, merge_size: int = 2) -> Packed:
+    """`micro`'s right-padded rows as one row of T = sum of their lengths: no attention, MLP or head work on
+    padding. Position ids restart at 0 with every sequence and no attention mask is passed, so transformers
+    masks attention block-diagonally (its packed-sequence detection; flash-attention's varlen path on CUDA,
+    a [T, T] mask under SDPA or eager). An image-text model (`rope_index`: Qwen2-VL's `get_rope_index`;
+    `merge_size`: its vision config's spatial_merge_size) gets its 3-D M-RoPE positions computed sequence by
+    sequence, under a text row that restarts (the 4-row form Qwen2.5-VL reads as packed); its pixel rows keep
+    their order. A sequence's last position predicts nothing
+    (its next token is the next sequence's)."""
+    lengths = micro.attention_mask.sum(1).tolist()
+    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+    total, dev = sum(lengths), micro.input_ids.device
+    ids = torch.cat([micro.input_ids[i, :n] for i, n in enumerate(lengths)])[None]
+    text_positions = torch.cat([torch.arange(n, device=dev) for n in lengths])[None]
+    targets = torch.zeros(total, dtype=micro.targets.dtype, device=dev)
+    mask = torch.zeros(total, dtype=torch.bool, device=dev)
+    for i, (o, n) in enumerate(zip(offsets, lengths)):
+        targets[o : o + n - 1] = micro.targets[i, : n - 1]
+        mask[o : o + n - 1] = micro.mask[i, : n - 1]
+    vision = dict(micro.vision)
+    position_ids = text_positions
+    if "mm_token_type_ids" in vision:
+        types = vision["mm_token_type_ids"]
+        vision["mm_token_type_ids"] = torch.cat([types[i, :n] for i, n in enumerate(lengths)])[None]
+        if rope_index is not None:
+            grids, first, rows = vision.get("image_grid_thw"), 0, []
+            for i, n in enumerate(lengths):
+                row = types[i, :n]
+                # This sequence's images: the next grids whose merged patches cover its image tokens.
+                images, tokens = 0, int(row.sum())
+                while tokens > 0:
+                    tokens -= int(grids[first + images].prod()) // merge_size**2
+                    images += 1
+                if images:
+                    position, _ = rope_index(micro.input_ids[i : i + 1, :n], mm_token_type_ids=row[None],
+                                             image_grid_thw=grids[first : first + images])
+                else:  # a text sequence: the three rows are its plain positions
+                    position = torch.arange(n, device=dev).view(1, 1, -1).expand(3, 1, n)
+                rows.append(position.to(text_positions))
+                first += images
+            position_ids = torch.cat([text_positions[None], torch.cat(rows, -1)], 0)
+    inputs = {"input_ids": ids, "position_ids": position_ids, **vision}
+    return Packed(inputs, targets[:-1][None], mask[:-1][None], offsets, lengths)
+
+
+def unpack(values: torch.Tensor, packed: Packed, shape: tuple[int, int]) -> torch.Tensor:
+    """Per-position `values` [1, T-1] of a packed row back in the padded [B, L-1] layout (0 on padding)."""
+    out, dev = values.new_zeros(shape), values.device
+    rows = torch.cat([torch.full((n - 1,), i, device=dev) for i, n in enumerate(packed.lengths)])
+    cols = torch.cat([torch.arange(n - 1, device=dev) for n in packed.lengths])
+    src = torch.cat([torch.arange(o, o + n - 1, device=dev) for o, n in zip(packed.offsets, packed.lengths)])
+    out[rows, cols] = values[0, src]
+    return out
+
+
+def _rope_index(model) -> tuple:
+    """`(get_rope_index, spatial_merge_size)` of a Qwen2-VL-family model, `(None, 1)` for others."""
+    module = getattr(model, "module", model)
+    index = getattr(getattr(module, "model", None), "get_rope_index", None)
+    merge = getattr(getattr(module.config, "vision_config", None), "spatial_merge_size", 1)
+    return index, merge
+
+
 class Learner:
     def __init__(self, engine, tokenizer, reference, model_cfg: ModelConfig, ds_cfg: DeepSpeedConfig,
                  rank: int, world_size: int, *, fused_logprobs: bool = True):
         self.engine = engine
+        # True: the answers of a micro-batch go through the model end to end in one row, without padding
+        # (`pack`); `model.packing` decides (auto: with a varlen attention kernel). Read at every call.
+        self.packing = model_cfg.packing_on
         # True: log-probs through the fused output head (needs `install_fused_head` on the policy and
         # the reference before they were wrapped); False: through the full logits. Read at every call.
         self.fused_logprobs = fused_logprobs
@@ -171,6 +251,20 @@ class Learner:
         model = self.reference if reference else self.engine
         if model is None:
             raise RuntimeError("response_logprobs(reference=True): the learner was built without a reference")
+        if self.packing:
+            packed = pack(micro, *_rope_index(model))
+            flat = MicroBatch.__new__(MicroBatch)  # the packed row: its inputs are not a padded batch's
+            flat.input_ids, flat.targets, flat.mask, flat.vision = packed.inputs["input_ids"], packed.targets, \
+                packed.mask, {k: v for k, v in packed.inputs.items() if k != "input_ids"}
+            flat.attention_mask = None
+            out = self._logprobs_of(model, flat, temperature, return_entropy)
+            shape = tuple(micro.targets.shape)
+            if return_entropy:
+                return unpack(out[0], packed, shape), unpack(out[1], packed, shape)
+            return unpack(out, packed, shape)
+        return self._logprobs_of(model, micro, temperature, return_entropy)
+
+    def _logprobs_of(self, model, micro: MicroBatch, temperature: float, return_entropy: bool):
         if self.fused_logprobs:
             return self._fused_logprobs(model, micro, temperature, return_entropy)
         from medvl_engine.kernels import token_logprobs
