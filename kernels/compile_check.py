@@ -64,7 +64,8 @@ REGISTER_BUDGETS = {
     "_group_advantages_stats_kernel": 80,  # [64]
     "_group_advantages_squares_kernel": 64,  # [48]
     "_group_advantages_kernel": 88,  # [69]
-    "_policy_loss_fwd_kernel": 112,  # [96 with dual-clip, 72 without]
+    "_policy_loss_seq_kernel": 48,  # [32]
+    "_policy_loss_fwd_kernel": 112,  # [96 with dual-clip, 72 without; GSPO's sequence ratio: 94, 72]
     "_policy_loss_bwd_kernel": 40,  # [18]
 }
 
@@ -192,21 +193,21 @@ def _group_advantages_launches(rec: _Recorder) -> None:
 
 def _policy_loss_launches(rec: _Recorder) -> None:
     pl = kernel_module("policy_loss")
-    from medvl_engine.kernels.reference import DUAL_CLIP_RATIO, KL_TYPES
+    from medvl_engine.kernels.reference import DUAL_CLIP_RATIO, KL_TYPES, LOSS_MODES
 
     b, t = POLICY_BATCH, POLICY_SEQ
     # Without a reference the KL type is never read: one of them stands for all.
     kls = [(False, KL_TYPES[0])] + [(True, kl) for kl in KL_TYPES]
-    # clip_ratio_c None turns dual-clip off.
-    for dtype, (has_ref, kl_type), mask_dtype, per_token, dual in itertools.product(
-            FLOAT_DTYPES, kls, (torch.bool, torch.float32), (False, True), (None, DUAL_CLIP_RATIO)):
+    # clip_ratio_c None turns dual-clip off; gspo adds the sequence pass and the SEQ_RATIO forward.
+    for dtype, (has_ref, kl_type), mask_dtype, per_token, dual, loss in itertools.product(
+            FLOAT_DTYPES, kls, (torch.bool, torch.float32), (False, True), (None, DUAL_CLIP_RATIO), LOSS_MODES):
         logp = _meta(b, t, dtype=dtype)
         advantages = _meta(b, t) if per_token else _meta(b)
         rec.config = (f"{_short(dtype)} B={b} T={t} ref={kl_type if has_ref else None} mask {_short(mask_dtype)} "
-                      f"adv {'[B, T]' if per_token else '[B]'} dual_clip={dual}")
+                      f"adv {'[B, T]' if per_token else '[B]'} dual_clip={dual} loss={loss}")
         pl.policy_loss_forward(logp, _meta(b, t, dtype=dtype), advantages, _meta(b, t, dtype=mask_dtype),
                                _meta(b, t, dtype=dtype) if has_ref else None, 0.2, 0.28, dual,
-                               0.01 if has_ref else 0.0, kl_type, "token-mean")
+                               0.01 if has_ref else 0.0, kl_type, "token-mean", loss)
     for dtype in FLOAT_DTYPES:
         rec.config = f"{_short(dtype)} B={b} T={t}"
         pl.policy_loss_backward(_meta(b, t), _meta(b), _meta(), dtype)

@@ -6,7 +6,13 @@ sums per block: loss, mask weight, clipped tokens, dual-clipped tokens, ratio, k
 [B]-sized tensor ops turn the partial sums into the aggregated loss and the metrics, with no host
 synchronisation, and the backward is one elementwise pass that scales the stored derivative by each
 sequence's aggregation weight. Definitions (clip-higher, dual-clip, the +-20 and +-10 clamps of
-low_var_kl, verl's agg_loss modes) are those of `reference.policy_loss_reference`.
+low_var_kl, verl's agg_loss modes, GSPO's sequence ratio) are those of `reference.policy_loss_reference`.
+
+GSPO (`loss="gspo"`) needs each sequence's mean log-ratio before any token's loss: a first kernel
+reads logp, old_logp and mask once more and writes two partial sums per block (masked log-ratio,
+mask weight), a [B] division turns them into the sequence log-ratios, and the forward kernel, compiled
+with SEQ_RATIO, uses that one ratio on every token of the sequence (its gradient stays the token's own,
+verl's stop-gradient form).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from medvl_engine.kernels.reference import (
     AGG_MODES,
     DUAL_CLIP_RATIO,
     KL_TYPES,
+    LOSS_MODES,
     MASKED_MEAN_EPS,
     dual_clip_enabled,
     policy_loss_reference,
@@ -33,11 +40,27 @@ METRIC_NAMES = ("clip_frac", "dual_clip_frac", "ratio_mean", "approx_kl", "kl")
 
 
 @triton.jit
-def _policy_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, dloss_ptr, partial_ptr, seq_len,
-                            s_logp_b, s_logp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_mask_b, s_mask_t,
+def _policy_loss_seq_kernel(logp_ptr, old_ptr, mask_ptr, partial_ptr, seq_len, s_logp_b, s_logp_t, s_old_b, s_old_t,
+                            s_mask_b, s_mask_t, BLOCK_T: tl.constexpr):
+    """GSPO's first pass: per (sequence, block) the masked sum of logp - old_logp and of the mask."""
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = t < seq_len
+    logp = tl.load(logp_ptr + b * s_logp_b + t * s_logp_t, mask=valid, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + b * s_old_b + t * s_old_t, mask=valid, other=0.0).to(tl.float32)
+    weight = tl.load(mask_ptr + b * s_mask_b + t * s_mask_t, mask=valid, other=0).to(tl.float32)
+    out = partial_ptr + (b * tl.num_programs(1) + blk) * 2
+    tl.store(out + 0, tl.sum(tl.where(weight != 0, (logp - old) * weight, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(weight, axis=0))
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, seq_ratio_ptr, dloss_ptr, partial_ptr,
+                            seq_len, s_logp_b, s_logp_t, s_old_b, s_old_t, s_adv_b, s_adv_t, s_mask_b, s_mask_t,
                             s_ref_b, s_ref_t, clip_low, clip_high, clip_ratio_c, kl_coef,
                             DUAL_CLIP: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
-                            BLOCK_T: tl.constexpr):
+                            SEQ_RATIO: tl.constexpr, BLOCK_T: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -48,8 +71,14 @@ def _policy_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, dloss
     weight = tl.load(mask_ptr + b * s_mask_b + t * s_mask_t, mask=valid, other=0).to(tl.float32)
     on = weight != 0
     log_ratio = logp - old
-    in_range = (log_ratio >= -20.0) & (log_ratio <= 20.0)
-    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
+    if SEQ_RATIO:
+        # GSPO: the sequence's log-ratio on every token, clamped from above only at 10 (GSPO_LOG_RATIO_CAP).
+        seq_log_ratio = tl.load(seq_ratio_ptr + b) + tl.zeros([BLOCK_T], tl.float32)
+        in_range = seq_log_ratio <= 10.0
+        ratio = tl.exp(tl.minimum(seq_log_ratio, 10.0))
+    else:
+        in_range = (log_ratio >= -20.0) & (log_ratio <= 20.0)
+        ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
     pg1 = -adv * ratio
     pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
     loss = tl.maximum(pg1, pg2)
@@ -120,10 +149,11 @@ def _aggregation_weights(row_loss_weight: torch.Tensor, seq_len: int, agg: str) 
 
 
 def policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, clip_ratio_c, kl_coef,
-                        kl_type, agg):
+                        kl_type, agg, loss_mode="ppo"):
     """Launch the forward kernel: (loss 0-dim, metric sums [5] / weight, per-token dloss [B, T], weights [B]).
 
-    clip_ratio_c None or inf turns dual-clip off (then the kernel is compiled without it).
+    clip_ratio_c None or inf turns dual-clip off (then the kernel is compiled without it); loss_mode "gspo"
+    launches the sequence pass first.
     """
     rows, seq_len = logp.shape
     device = logp.device
@@ -136,13 +166,16 @@ def policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, clip_low, cl
     dloss = torch.empty(rows, seq_len, dtype=torch.float32, device=device)
     partial = torch.zeros(rows, blocks, _SUMS, dtype=torch.float32, device=device)
     dual_clip = dual_clip_enabled(clip_ratio_c)
+    gspo = loss_mode == "gspo"
+    seq_ratio = gspo_log_ratio_forward(logp, old_logp, mask, block) if gspo else partial  # unread without GSPO
     if logp.numel():
         ref = ref_logp if ref_logp is not None else logp
         launchable(_policy_loss_fwd_kernel, device)[(rows, blocks)](
-            logp, old_logp, advantages, mask, ref, dloss, partial, seq_len,
+            logp, old_logp, advantages, mask, ref, seq_ratio, dloss, partial, seq_len,
             *logp.stride(), *old_logp.stride(), *advantages.stride(), *mask.stride(), *ref.stride(),
             float(clip_low), float(clip_high), float(clip_ratio_c) if dual_clip else 0.0, float(kl_coef),
-            DUAL_CLIP=dual_clip, HAS_REF=ref_logp is not None, KL_TYPE=_KL_CODES[kl_type], BLOCK_T=block)
+            DUAL_CLIP=dual_clip, HAS_REF=ref_logp is not None, KL_TYPE=_KL_CODES[kl_type], SEQ_RATIO=gspo,
+            BLOCK_T=block)
     sums = partial.sum(1)
     weights = _aggregation_weights(sums[:, 1], seq_len, agg)
     loss = (weights * sums[:, 0]).sum()
@@ -150,6 +183,22 @@ def policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, clip_low, cl
     # clip_frac, dual_clip_frac, ratio_mean, approx_kl, kl: token means over the mask, as verl's masked_mean.
     metrics = totals[[2, 3, 4, 5, 6]] / (totals[1] + MASKED_MEAN_EPS)
     return loss, metrics, dloss, weights
+
+
+def gspo_log_ratio_forward(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, block: int) -> torch.Tensor:
+    """[B] float32 GSPO sequence log-ratios, `reference.gspo_log_ratio`: one pass, partial sums per block.
+
+    `mask` is already the launcher's (bool viewed as uint8).
+    """
+    rows, seq_len = logp.shape
+    blocks = triton.cdiv(seq_len, block)
+    partial = torch.zeros(rows, blocks, 2, dtype=torch.float32, device=logp.device)
+    if logp.numel():
+        launchable(_policy_loss_seq_kernel, logp.device)[(rows, blocks)](
+            logp, old_logp, mask, partial, seq_len, *logp.stride(), *old_logp.stride(), *mask.stride(),
+            BLOCK_T=block)
+    sums = partial.sum(1)
+    return sums[:, 0] / sums[:, 1].clamp_min(1.0)
 
 
 def policy_loss_backward(dloss: torch.Tensor, weights: torch.Tensor, grad_loss: torch.Tensor,
@@ -170,9 +219,9 @@ class PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, clip_ratio_c, kl_coef, kl_type,
-                agg):
+                agg, loss_mode):
         loss, metrics, dloss, weights = policy_loss_forward(logp, old_logp, advantages, mask, ref_logp, clip_low,
-                                                            clip_high, clip_ratio_c, kl_coef, kl_type, agg)
+                                                            clip_high, clip_ratio_c, kl_coef, kl_type, agg, loss_mode)
         ctx.save_for_backward(dloss, weights)
         ctx.logp_dtype = logp.dtype
         ctx.mark_non_differentiable(metrics)
@@ -182,11 +231,11 @@ class PolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_metrics):
         dloss, weights = ctx.saved_tensors
         grad = policy_loss_backward(dloss, weights, grad_loss, ctx.logp_dtype)
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _check(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, clip_ratio_c, kl_coef, kl_type,
-           agg) -> None:
+           agg, loss) -> None:
     op = "policy_loss"
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2:
         raise ValueError(f"{op}: logp must be a [B, T] tensor, got {getattr(logp, 'shape', type(logp))}")
@@ -215,12 +264,14 @@ def _check(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, clip
         raise ValueError(f"{op}: kl_type={kl_type!r} is not one of {KL_TYPES}")
     if agg not in AGG_MODES:
         raise ValueError(f"{op}: agg={agg!r} is not one of {AGG_MODES}")
+    if loss not in LOSS_MODES:
+        raise ValueError(f"{op}: loss={loss!r} is not one of {LOSS_MODES}")
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 ref_logp: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
                 kl_coef: float = 0.0, kl_type: str = "low_var_kl", agg: str = "token-mean",
-                clip_ratio_c: float | None = DUAL_CLIP_RATIO, *,
+                clip_ratio_c: float | None = DUAL_CLIP_RATIO, *, loss: str = "ppo",
                 impl: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped policy loss (clip-higher, dual-clip) plus `kl_coef` x KL(policy || reference), aggregated by `agg`.
 
@@ -230,24 +281,30 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     gradient); None or inf turns it off (plain clipped PPO); otherwise it must be > 1. The cap bounds
     the policy-gradient term only; the KL term is added after it, as verl adds its KL loss.
 
+    loss: "ppo" (one ratio per token) or "gspo" (GSPO: one ratio per sequence, the geometric mean of
+    its token ratios, `exp(mean over the mask of logp - old_logp)`, in verl's token form whose gradient
+    is each token's own, `reference.policy_loss_reference`). verl's GSPO has no dual-clip and
+    aggregates seq-mean-token-mean with clip ranges 3e-4 / 4e-4: the caller passes those.
+
     Returns `(loss, metrics)`: a 0-dim float32 loss differentiable w.r.t. `logp` only, and detached
     0-dim float32 tensors `clip_frac` (tokens where the clipped term wins, verl's pg_clipfrac),
     `dual_clip_frac` (tokens with A < 0 where the dual-clip cap binds, verl's pg_clipfrac_lower; 0
     when dual-clip is off), `approx_kl` (k1 of old vs current policy, `mean(old_logp - logp)`, verl's
-    ppo_kl), `ratio_mean`, and `kl` (mean KL penalty term against the reference) when `ref_logp` is
-    given; all metrics are means over masked tokens.
+    ppo_kl), `ratio_mean` (of the ratio the clip saw: the sequence's for GSPO), and `kl` (mean KL
+    penalty term against the reference) when `ref_logp` is given; all metrics are means over masked tokens.
     """
-    _check(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, clip_ratio_c, kl_coef, kl_type, agg)
+    _check(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, clip_ratio_c, kl_coef, kl_type, agg,
+           loss)
     impl = resolve_impl(impl, logp, old_logp, advantages, mask, ref_logp, op="policy_loss")
     if impl == "torch":
         return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, kl_coef,
-                                     kl_type, agg, clip_ratio_c)
+                                     kl_type, agg, clip_ratio_c, loss)
     if logp.dtype == torch.float64:
         raise TypeError("policy_loss: float64 runs on the reference only: pass impl='torch'")
-    loss, values = PolicyLoss.apply(logp, old_logp.detach(), advantages.detach(), mask.detach(),
-                                    None if ref_logp is None else ref_logp.detach(), float(clip_low),
-                                    float(clip_high), clip_ratio_c, float(kl_coef), kl_type, agg)
+    total, values = PolicyLoss.apply(logp, old_logp.detach(), advantages.detach(), mask.detach(),
+                                     None if ref_logp is None else ref_logp.detach(), float(clip_low),
+                                     float(clip_high), clip_ratio_c, float(kl_coef), kl_type, agg, loss)
     metrics = dict(zip(METRIC_NAMES, values.unbind()))
     if ref_logp is None:
         del metrics["kl"]
-    return loss, metrics
+    return total, metrics

@@ -12,6 +12,10 @@ definitions follow verl (volcengine/verl, `verl/trainer/ppo/core_algos.py`):
 - KL penalties: k1 `logp - ref`, k2 `0.5 (logp - ref)^2`, low_var_kl (k3)
   `exp(ref - logp) - (ref - logp) - 1` with `ref - logp` clamped to +-20 and the result to +-10.
 - Aggregation as verl's `agg_loss`.
+- GSPO (`loss="gspo"`, verl's `compute_policy_loss_gspo`): one ratio per sequence, the geometric mean of
+  its token ratios `s = exp(sum_t mask * (logp - old_logp) / max(sum_t mask, 1))`, in verl's token form
+  `s_t = exp(min(sg[log s] + logp_t - sg[logp_t], 10))`: the value of `s` on every token, the gradient
+  of each token's own log-prob (GSPO-token of the paper, arXiv:2507.18071); clipped as PPO clips its ratio.
 
 Two deliberate differences, both documented where they apply: masked tokens enter sums through
 `torch.where`, so a non-finite value in padding never poisons the loss; and a group whose rewards are
@@ -32,6 +36,10 @@ ADVANTAGE_MODES = ("grpo", "drgrpo", "rloo")
 # verl's dual-clip default (`actor.clip_ratio_c` in ppo_trainer.yaml and compute_policy_loss at 54b2677).
 DUAL_CLIP_RATIO = 3.0
 KL_TYPES = ("low_var_kl", "k1", "k2")
+# ppo: one ratio per token; gspo: one per sequence (the geometric mean of its token ratios).
+LOSS_MODES = ("ppo", "gspo")
+# GSPO's clamp of its log-ratio, from above only (verl's compute_policy_loss_gspo): past it no gradient.
+GSPO_LOG_RATIO_CAP = 10.0
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -167,15 +175,25 @@ def dual_clip_enabled(clip_ratio_c: float | None) -> bool:
     return clip_ratio_c is not None and clip_ratio_c != float("inf")
 
 
+def gspo_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] log of GSPO's sequence ratio: the masked mean of the token log-ratios, over max(mask sum, 1) as verl."""
+    return masked_sum(logp - old_logp, mask, dim=-1) / mask.sum(-1).clamp_min(1)
+
+
 def policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=None, clip_low=0.2, clip_high=0.2,
-                          kl_coef=0.0, kl_type="low_var_kl", agg="token-mean", clip_ratio_c=DUAL_CLIP_RATIO):
+                          kl_coef=0.0, kl_type="low_var_kl", agg="token-mean", clip_ratio_c=DUAL_CLIP_RATIO,
+                          loss="ppo"):
     """PPO clipped loss with dual-clip (+ kl_coef * KL to the reference), aggregated; metrics are token means.
+
+    `loss="gspo"` puts GSPO's sequence ratio (module docstring) in place of each token's ratio; the
+    clipping, the cap, the KL term and the aggregation stay as they are.
 
     `clip_frac` counts tokens where the clipped term wins (verl's pg_clipfrac); `dual_clip_frac` those
     with A < 0 whose loss the cap -A * clip_ratio_c replaces (verl's pg_clipfrac_lower; 0 when
     `clip_ratio_c` is None or inf); `approx_kl` is k1 between the old and the current policy,
-    `mean(old_logp - logp)` (verl's ppo_kl); `kl` is the mean of the penalty term against the
-    reference, present only when `ref_logp` is given.
+    `mean(old_logp - logp)` (verl's ppo_kl, per token for GSPO too); `ratio_mean` the mean ratio the
+    clip saw; `kl` is the mean of the penalty term against the reference, present only when
+    `ref_logp` is given.
     """
     dtype = _compute_dtype(logp)
     lp = logp.to(dtype)
@@ -185,7 +203,12 @@ def policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=None, clip_
         adv = adv[:, None]
     m = mask.detach().to(dtype)
     log_ratio = lp - old
-    ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    if loss == "gspo":
+        # lp - sg[lp] is exactly 0: the value is the sequence's, the gradient each token's own.
+        seq = gspo_log_ratio(lp.detach(), old, m)[:, None]
+        ratio = (lp - lp.detach() + seq).clamp(max=GSPO_LOG_RATIO_CAP).exp()
+    else:
+        ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss_mat = torch.maximum(pg1, pg2)
@@ -199,7 +222,7 @@ def policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=None, clip_
     if ref_logp is not None:
         kl = kl_penalty(lp, ref_logp.detach().to(dtype), kl_type)
         loss_mat = loss_mat + kl_coef * kl
-    loss = agg_loss(loss_mat, m, agg)
+    total = agg_loss(loss_mat, m, agg)
     with torch.no_grad():
         metrics = {
             "clip_frac": masked_mean((pg2 > pg1).to(dtype), m),
@@ -210,6 +233,6 @@ def policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=None, clip_
         if kl is not None:
             metrics["kl"] = masked_mean(kl, m)
     if dtype != torch.float64:
-        loss = loss.float()
+        total = total.float()
         metrics = {k: v.float() for k, v in metrics.items()}
-    return loss, metrics
+    return total, metrics

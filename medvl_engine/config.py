@@ -365,14 +365,38 @@ def build(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
         path = f"{where}.{name}"
         if _is_dataclass_type(tp):
             # A partial section overrides the parent's default for it (SFTConfig's optimizer
-            # defaults differ from OptimConfig's), not the section class's own defaults.
+            # defaults differ from OptimConfig's), not the section class's own defaults. Only the keys
+            # where the two differ are carried over: a field whose default the section resolves from its
+            # other fields (AlgoConfig's clip range follows its loss) stays unset unless given.
             f = fields[name]
             if f.default_factory is not dataclasses.MISSING and isinstance(value, dict):
-                value = merge(to_dict(f.default_factory()), value)
+                value = merge(_overridden_defaults(f.default_factory(), tp), value)
             kwargs[name] = build(tp, value, where=path)
         else:
             kwargs[name] = _coerce(tp, value, path)
     return cls(**kwargs)
+
+
+def _overridden_defaults(default: Any, cls: type) -> dict[str, Any]:
+    """The settings of the section instance `default` that differ from a bare `cls()`'s (nested sections
+    likewise); all of them when a bare `cls()` cannot be built (required fields)."""
+    try:
+        bare = to_dict(cls())
+    except (TypeError, ConfigError):
+        return to_dict(default)
+
+    def diff(given: dict, base: dict) -> dict:
+        out = {}
+        for key, value in given.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                value = diff(value, base[key])
+                if value:
+                    out[key] = value
+            elif key not in base or base[key] != value:
+                out[key] = value
+        return out
+
+    return diff(to_dict(default), bare)
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

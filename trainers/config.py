@@ -4,8 +4,10 @@ Defaults reproduce MedVLThinker's recipe (verl GRPO and TRL SFT settings of its 
 Every field is a command-line flag (`medvl_engine.config`): `--algo.clip-high 0.28` gives DAPO's
 clip-higher, `--algo.advantage drgrpo --algo.loss-agg seq-mean-token-sum-norm` Dr. GRPO,
 `--rollout.dynamic-sampling` drops groups whose rewards are all equal, `--algo.kl-type k1` another KL
-estimator, `--algo.tis-cap 2.0` the truncated importance-sampling correction with the engine's
-log-probs. `deepspeed_config(...)` turns the components into DeepSpeed's JSON config.
+estimator, `--algo.loss gspo` GSPO (sequence-level ratios), `--algo.rollout-is token` truncated
+importance sampling against the engine's log-probs (`--algo.tis-cap 2.0` its old spelling),
+`--algo.rollout-rs geometric --algo.rollout-rs-threshold 1.001` rejection of answers whose policies
+drifted apart. `deepspeed_config(...)` turns the components into DeepSpeed's JSON config.
 """
 
 from __future__ import annotations
@@ -197,25 +199,63 @@ class TransportConfig:
         return "memory" if self.colocated else "disk"
 
 
+# The loss's own clip range and aggregation where the config leaves them out: PPO's 0.2 (verl's
+# clip_ratio), GSPO's 3e-4 / 4e-4 and seq-mean-token-mean (arXiv:2507.18071 sec. 5.1; verl's
+# examples/gspo_trainer recipes and compute_policy_loss_gspo).
+LOSS_DEFAULTS = {"ppo": (0.2, 0.2, "token-mean"), "gspo": (3e-4, 4e-4, "seq-mean-token-mean")}
+ROLLOUT_IS_THRESHOLD = 2.0  # verl's default rollout_is_threshold
+
+
 @dataclass
 class AlgoConfig:
-    """The GRPO objective and its variants."""
+    """The GRPO objective and its variants.
+
+    Rollout correction (verl's `algorithm.rollout_correction`, decoupled mode): three policies,
+    pi_rollout (the engine that sampled the answers; its log-probs travel with each group), pi_old (the
+    learner's recomputation before the update, `old_logp recompute`) and pi_theta; the loss's ratio
+    handles old -> theta, rollout_is / rollout_rs handle rollout -> old from rho = pi_old / pi_rollout
+    (`medvl_engine.trainers.rollout_correction`). With `old_logp engine` (verl's bypass mode) pi_old is
+    pi_rollout: every rho is 1, so both are refused there; the loss's ratio pi_theta / pi_rollout then is
+    the whole correction. `tis_cap C` is the old spelling of `rollout_is token, rollout_is_threshold C`.
+    """
 
     prompts_per_step: int = param(256, "questions (groups) consumed per step")
     mini_batches: int = param(2, "optimizer steps per GRPO step (MedVLThinker: 256 prompts in 2 x 128)")
     advantage: Literal["grpo", "drgrpo", "rloo"] = param("grpo", "group advantage estimator")
-    clip_low: float = param(0.2, "PPO clip below 1")
-    clip_high: float = param(0.2, "PPO clip above 1 (DAPO clip-higher: 0.28)")
+    loss: Literal["ppo", "gspo"] = param(
+        "ppo", "policy loss: ppo clips one ratio per token (GRPO as MedVLThinker ran it); gspo (GSPO, verl's "
+        "loss_mode=gspo) one ratio per answer, the geometric mean of its token ratios, with its own clip range "
+        "and seq-mean-token-mean aggregation unless set, and no dual-clip")
+    clip_low: float | None = param(None, "clip below 1 (none: the loss's own, 0.2 for ppo, 3e-4 for gspo)")
+    clip_high: float | None = param(None, "clip above 1 (DAPO clip-higher: 0.28; none: the loss's own, 0.2 for ppo, "
+                                    "4e-4 for gspo)")
     clip_ratio_c: float | None = param(3.0, "dual-clip PPO: a negative-advantage token's loss is capped at -A * c "
-                                       "(verl's default, so MedVLThinker's runs); none: off")
+                                       "(verl's default, so MedVLThinker's runs); none: off; ppo only (verl's "
+                                       "GSPO has none)")
     kl_coef: float = param(0.01, "KL loss coefficient against the initial policy (0: no reference model)")
     kl_type: Literal["low_var_kl", "k1", "k2"] = param("low_var_kl", "KL estimator")
     entropy_coef: float = param(0.0, "entropy bonus coefficient")
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = param(
-        "token-mean", "token losses: mean over tokens, mean of sequence means, or Dr. GRPO's sums / max length")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = param(
+        None, "token losses: mean over tokens, mean of sequence means, or Dr. GRPO's sums / max length (none: "
+        "the loss's own, token-mean for ppo, seq-mean-token-mean for gspo)")
     old_logp: Literal["recompute", "engine"] = param(
-        "recompute", "old log-probs: recomputed by the learner before the update, or the engine's")
-    tis_cap: float = param(0.0, "truncated importance-sampling weight cap on exp(old - engine) (0: off)")
+        "recompute", "old log-probs: recomputed by the learner before the update, or the engine's (then the "
+        "old policy is the rollout policy: no rollout_is / rollout_rs, the loss's ratio corrects against it)")
+    rollout_is: Literal["none", "token", "sequence"] = param(
+        "none", "rollout correction, importance sampling: weight each token's policy loss by pi_old / pi_rollout "
+        "(token), or each answer's by the product over its tokens (sequence), truncated at rollout_is_threshold; "
+        "needs old_logp recompute (with engine the weights are all 1)")
+    rollout_is_threshold: float | None = param(
+        None, f"cap of the importance weights, >= 1 (none: {ROLLOUT_IS_THRESHOLD} with rollout_is)")
+    rollout_rs: Literal["none", "token", "sequence", "geometric"] = param(
+        "none", "rollout correction, rejection: drop from the loss tokens (token) or answers (sequence: the "
+        "product of their ratios pi_old / pi_rollout; geometric: its per-token geometric mean) whose ratio lies "
+        "outside [rollout_rs_threshold_lower, rollout_rs_threshold]; needs old_logp recompute")
+    rollout_rs_threshold: float | None = param(None, "rollout_rs: the upper bound of the accepted ratio, >= 1 "
+                                               "(required with rollout_rs)")
+    rollout_rs_threshold_lower: float | None = param(None, "rollout_rs: the lower bound, in (0, 1] (none: 1 / "
+                                                     "rollout_rs_threshold)")
+    tis_cap: float = param(0.0, "alias: tis_cap C is rollout_is token with rollout_is_threshold C (0: off)")
     epsilon: float = param(1e-6, "advantage std epsilon")
     max_draw_factor: int = param(8, "a step draws at most this many times prompts_per_step prompts, then stops "
                                  "the run (every group dropped: all answers score the same, or all fail)")
@@ -225,9 +265,16 @@ class AlgoConfig:
         if self.prompts_per_step % self.mini_batches:
             raise ConfigError(f"algo.prompts_per_step ({self.prompts_per_step}) must be divisible by "
                               f"algo.mini_batches ({self.mini_batches})")
+        low, high, agg = LOSS_DEFAULTS[self.loss]
+        self.clip_low = low if self.clip_low is None else self.clip_low
+        self.clip_high = high if self.clip_high is None else self.clip_high
+        self.loss_agg = agg if self.loss_agg is None else self.loss_agg
         check_finite("algo", self, "clip_low", "clip_high", "clip_ratio_c", "kl_coef", "entropy_coef", "tis_cap",
                      "epsilon")
         check_at_least("algo", self, 0, "clip_low", "clip_high", "kl_coef", "entropy_coef", "tis_cap")
+        if not self.clip_low < 1:
+            raise ConfigError(f"algo.clip_low: must be < 1 (the ratio is clipped to [1 - clip_low, 1 + clip_high]), "
+                              f"got {self.clip_low}")
         if self.clip_high < self.clip_low:
             raise ConfigError(f"algo.clip_high ({self.clip_high}) is below algo.clip_low ({self.clip_low}): the ratio "
                               "is clipped to [1 - clip_low, 1 + clip_high], and clip-higher (DAPO) raises clip_high")
@@ -235,9 +282,63 @@ class AlgoConfig:
             raise ConfigError(f"algo.clip_ratio_c: must be > 1 (or none: off), got {self.clip_ratio_c}")
         if not self.epsilon > 0:
             raise ConfigError(f"algo.epsilon: must be > 0, got {self.epsilon}")
-        if self.tis_cap and self.old_logp == "engine":
-            raise ConfigError("algo.tis_cap corrects recomputed old log-probs towards the engine's: "
-                              "it needs algo.old_logp=recompute")
+        self._check_rollout_correction()
+
+    def _check_rollout_correction(self) -> None:
+        """Fold the `tis_cap` alias into rollout_is, fill the thresholds' defaults, refuse what cannot work."""
+        alias = bool(self.tis_cap)
+        if alias:
+            if self.rollout_is != "none":
+                raise ConfigError(f"algo.tis_cap={self.tis_cap} is the old spelling of algo.rollout_is=token with "
+                                  f"algo.rollout_is_threshold={self.tis_cap}, and algo.rollout_is={self.rollout_is} "
+                                  "is given too: give only rollout_is")
+            if self.rollout_is_threshold is not None:
+                raise ConfigError(f"algo.tis_cap={self.tis_cap} and algo.rollout_is_threshold="
+                                  f"{self.rollout_is_threshold} are the old and the new spelling of one cap: give "
+                                  "only rollout_is token with rollout_is_threshold")
+            self.rollout_is, self.rollout_is_threshold, self.tis_cap = "token", self.tis_cap, 0.0
+        check_finite("algo", self, "rollout_is_threshold", "rollout_rs_threshold", "rollout_rs_threshold_lower")
+        if self.rollout_is == "none":
+            if self.rollout_is_threshold is not None:
+                raise ConfigError(f"algo.rollout_is_threshold={self.rollout_is_threshold} caps importance weights, "
+                                  "but algo.rollout_is is none: set rollout_is token or sequence, or drop the cap")
+        else:
+            if self.rollout_is_threshold is None:
+                self.rollout_is_threshold = ROLLOUT_IS_THRESHOLD
+            if not self.rollout_is_threshold >= 1:
+                raise ConfigError(f"algo.{'tis_cap' if alias else 'rollout_is_threshold'}: must be >= 1 (a cap below 1 "
+                                  "truncates the weight 1 of a token both policies agree on), got "
+                                  f"{self.rollout_is_threshold}")
+        if self.rollout_rs == "none":
+            given = [k for k in ("rollout_rs_threshold", "rollout_rs_threshold_lower") if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"algo.{given[0]}={getattr(self, given[0])} bounds rejection sampling, but "
+                                  "algo.rollout_rs is none: set rollout_rs token, sequence or geometric")
+        else:
+            upper, lower = self.rollout_rs_threshold, self.rollout_rs_threshold_lower
+            if upper is None:
+                raise ConfigError(f"algo.rollout_rs={self.rollout_rs} needs algo.rollout_rs_threshold, the upper "
+                                  "bound of the accepted ratio pi_old / pi_rollout (verl has no default either)")
+            lower = 1.0 / upper if lower is None and upper > 0 else lower
+            if not (upper >= 1 and lower is not None and 0 < lower <= 1 and lower < upper):
+                raise ConfigError(f"algo.rollout_rs_threshold_lower={lower}, algo.rollout_rs_threshold={upper}: the "
+                                  "accepted ratios [lower, upper] must hold 1 (answers both policies agree on) and "
+                                  "more: need 0 < lower <= 1 <= upper, lower < upper")
+            self.rollout_rs_threshold_lower = lower
+        if self.old_logp == "engine" and self.rollout_correction:
+            key = "rollout_is" if self.rollout_is != "none" else "rollout_rs"
+            given = f"algo.tis_cap={self.rollout_is_threshold}" if alias else f"algo.{key}={getattr(self, key)}"
+            key = "tis_cap" if alias else key
+            raise ConfigError(f"{given} corrects pi_rollout -> pi_old, but with "
+                              "algo.old_logp=engine the engine's log-probs are the old policy: pi_old == pi_rollout, "
+                              "every importance weight is 1 and nothing is ever rejected (the loss's ratio "
+                              "pi_theta / pi_rollout already corrects against the engine, verl's bypass mode). Use "
+                              f"algo.old_logp=recompute, or drop algo.{key}")
+
+    @property
+    def rollout_correction(self) -> bool:
+        """Whether importance weights or rejection act on the loss (and the rollout_corr/ metrics are logged)."""
+        return self.rollout_is != "none" or self.rollout_rs != "none"
 
 
 # sink -> the package it needs (its extra has the same name)

@@ -6,7 +6,8 @@ One step (`GRPOTrainer.step`):
     batch = RolloutBatch.from_groups(groups)          collate: prompt + answer sequences, answer masks
     advantages = group_advantages(rewards, groups)    GRPO / Dr. GRPO / RLOO, per answer
     old / reference log-probs                         recomputed before any update (or the engine's)
-    for each mini-batch: forward, token_logprobs, policy_loss, backward, optimizer step
+    rollout correction (when on)                      importance weights, rejection: engine vs old log-probs
+    for each mini-batch: forward, token_logprobs, policy_loss (PPO or GSPO), backward, optimizer step
     version += 1; sync.push(learner, version)         new weights reach the rollout backends
     metrics                                           reward, accuracy, format rate, KL, tokens/s
 
@@ -38,6 +39,7 @@ from medvl_engine.progress import Progress
 from medvl_engine.trainers.config import GRPOConfig, with_switches
 from medvl_engine.trainers.learner import MicroBatch
 from medvl_engine.trainers.rollout_batch import RolloutBatch
+from medvl_engine.trainers.rollout_correction import RolloutCorrection
 
 # Statistics summed over a mini-batch's micro-batches (the token-weighted ones are divided by tokens at the end).
 SUM_KEYS = ("tokens", "loss", "kl", "approx_kl", "clip_frac", "dual_clip_frac", "entropy")
@@ -56,6 +58,13 @@ class PolicyMicroBatch:
     engine_logp: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None  # rollout correction: [B, T] per token or [B] per answer
+    loss_mask: torch.Tensor | None = None  # rollout correction: the answer mask less the rejected tokens
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The tokens that carry loss: the answers', less those rollout correction rejected."""
+        return self.micro.mask if self.loss_mask is None else self.loss_mask
 
 
 def _logp_diff(learner_logp: torch.Tensor, engine_logp: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
@@ -75,6 +84,7 @@ class GRPOTrainer:
         self.version = version
         self.step_index = step
         self.timeline = timeline  # a profiling.Timeline: each step's stages and the groups' generation spans
+        self.correction = RolloutCorrection.from_algo(cfg.algo)  # None: off
         self.last_groups: list = []
 
     # -- the step -------------------------------------------------------------------------------------
@@ -100,6 +110,7 @@ class GRPOTrainer:
                 minis = [self.micro_batches(batch, advantages, idx) for idx in batch.mini_batches(algo.mini_batches)]
             with stage("logprobs", spans):
                 diff = self.fill_logprobs(minis)
+                correction = self.correct_rollouts(minis) if self.correction else None
             with stage("update", spans):
                 stats = [self.train_mini_batch(mini, first=k == 0) for k, mini in enumerate(minis)]
             trained = time.perf_counter()
@@ -109,7 +120,8 @@ class GRPOTrainer:
                 self.source.resume_memory()  # before the push: the engine loads the new weights into it
                 sync = self.sync.push(self.learner, self.version)
         self.write_timeline(spans)
-        return self.metrics(batch, constant, stats, diff, sync, start=start, received=received, trained=trained)
+        return self.metrics(batch, constant, stats, diff, sync, start=start, received=received, trained=trained,
+                            correction=correction)
 
     def write_timeline(self, spans: list) -> None:
         """This step's learner stages and the generation spans of the groups it drew (kept or dropped), per producer."""
@@ -172,6 +184,35 @@ class GRPOTrainer:
                                                                      reference=True)
         return diff
 
+    def correct_rollouts(self, minis: list[list[PolicyMicroBatch]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rollout correction (`medvl_engine.trainers.rollout_correction`) from the old and the engine's log-probs:
+        each micro-batch's importance weights and rejection mask. With rejection, each micro-batch's share of
+        its mini-batch's loss is recounted over what was kept (`recount_shares`). Returns the step's (sums,
+        extrema) of the `rollout_corr/` statistics, on the device."""
+        stats = self.correction.apply(pm for mini in minis for pm in mini)
+        if self.correction.rs_level and self.cfg.algo.loss_agg != "seq-mean-token-sum-norm":  # Dr. GRPO: constant
+            self.recount_shares(minis)
+        return stats
+
+    def recount_shares(self, minis: list[list[PolicyMicroBatch]]) -> None:
+        """Each micro-batch's `weight` from the tokens (token-mean) or answers (seq-mean-token-mean) rejection
+        kept, over the whole mini-batch on every rank; one host synchronisation for the step."""
+        learner = self.learner
+        per_token = self.cfg.algo.loss_agg == "token-mean"
+        units = torch.stack([torch.stack([(pm.mask.sum() if per_token else pm.mask.any(-1).sum()).double()
+                                          for pm in mini]) for mini in minis])  # [minis, micro-batches]
+        totals = units.sum(1)
+        if learner.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        scale = learner.gradient_accumulation_steps * learner.world_size
+        # A mini-batch whose every token was rejected passes no gradient (its micro-batches' losses are 0).
+        shares = torch.where(totals[:, None] > 0, units / totals.clamp_min(1)[:, None], 0.0) * scale
+        for mini, row in zip(minis, shares.tolist()):
+            for pm, weight in zip(mini, row):
+                pm.weight = weight
+
     def train_mini_batch(self, mini: list[PolicyMicroBatch], *, first: bool = False) -> dict:
         """One optimizer step over `mini`; its statistics accumulate on the device and are read once."""
         from medvl_engine.kernels import policy_loss
@@ -183,21 +224,24 @@ class GRPOTrainer:
         diff = torch.zeros(3, dtype=torch.float64, device=learner.device)
         with_entropy = algo.entropy_coef > 0
         for pm in mini:
-            mask = pm.micro.mask
+            mask = pm.mask
             with stage("forward"):
                 out = learner.response_logprobs(pm.micro, temperature=self.cfg.rollout.temperature,
                                                 return_entropy=with_entropy)
             logp, entropy = out if isinstance(out, tuple) else (out, None)
             advantages = pm.advantages
-            if algo.tis_cap and pm.engine_logp is not None:
-                # Truncated importance sampling: answers were sampled by the engine, not by the
-                # learner's old policy; weight each token by min(pi_old / pi_engine, cap).
-                tis = torch.exp(pm.old_logp - pm.engine_logp).clamp(max=algo.tis_cap) * mask
-                advantages = advantages[:, None] * tis
+            if pm.is_weights is not None:
+                # verl multiplies each token's clipped policy loss by its (constant) weight w >= 0: the same as
+                # weighting its advantage, since max(-wA r, -wA clip(r)) = w max(-A r, -A clip(r)).
+                weights = pm.is_weights
+                advantages = advantages * weights if weights.dim() == 1 else advantages[:, None] * weights
             with stage("loss"):
                 loss, metrics = policy_loss(logp, pm.old_logp, advantages, mask, ref_logp=pm.ref_logp,
                                             clip_low=algo.clip_low, clip_high=algo.clip_high, kl_coef=algo.kl_coef,
-                                            kl_type=algo.kl_type, agg=algo.loss_agg, clip_ratio_c=algo.clip_ratio_c)
+                                            kl_type=algo.kl_type, agg=algo.loss_agg,
+                                            # verl's GSPO has no dual-clip
+                                            clip_ratio_c=None if algo.loss == "gspo" else algo.clip_ratio_c,
+                                            loss=algo.loss)
                 if algo.loss_agg == "seq-mean-token-sum-norm":
                     # The kernel divides by the padded width (prompt included); Dr. GRPO divides by a
                     # constant, the configured maximum answer length.
@@ -235,7 +279,8 @@ class GRPOTrainer:
     # -- metrics --------------------------------------------------------------------------------------
 
     def metrics(self, batch: RolloutBatch, constant: torch.Tensor, stats: list[dict], diff: torch.Tensor,
-                sync: dict, *, start: float, received: float, trained: float) -> dict:
+                sync: dict, *, start: float, received: float, trained: float,
+                correction: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
         totals = torch.tensor([[s[k] for k in SUM_KEYS] for s in stats], dtype=torch.float64).sum(0)
         # |engine - learner| parts as [sum, max, tokens]: from before the update (recomputed old log-probs)
         # and from the first mini-batch (engine log-probs used as old ones); one of the two is zeros.
@@ -248,6 +293,9 @@ class GRPOTrainer:
             dist.all_reduce(totals)
             dist.all_reduce(diff)
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+            if correction is not None:
+                dist.all_reduce(correction[0])
+                dist.all_reduce(correction[1], op=dist.ReduceOp.MAX)
         t = dict(zip(SUM_KEYS, totals.tolist()))
         tokens = max(t["tokens"], 1.0)
         diff_tokens = float(diff[1])
@@ -285,6 +333,8 @@ class GRPOTrainer:
         }
         if stats[0]["entropy_computed"]:
             row["entropy"] = t["entropy"] / tokens
+        if correction is not None:
+            row.update(self.correction.metrics(correction[0].tolist(), correction[1].tolist()))
         row.update(self.source.stats_row())
         return row
 

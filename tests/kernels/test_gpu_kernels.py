@@ -185,6 +185,44 @@ def test_policy_loss_at_512_sequences_of_4k_tokens(cuda, gen, dtype, kl_type, ag
         assert_as_close_as_reference(kernel[2][name], reference[2][name], oracle[2][name], name, seed)
 
 
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gspo_policy_loss_at_512_sequences_of_4k_tokens(cuda, gen, dtype, agg):
+    shape = (POLICY_BATCH, POLICY_SEQ)
+    logp = (torch.randn(shape, device=cuda, generator=gen) * 0.5 - 1.5).to(dtype)
+    old = (logp.float() + torch.randn(shape, device=cuda, generator=gen) * 0.3).to(dtype)
+    ref = (logp.float() + torch.randn(shape, device=cuda, generator=gen) * 2).to(dtype)
+    advantages = torch.randn(POLICY_BATCH, device=cuda, generator=gen)
+    x = ref.double() - logp.double()
+    mask = (torch.rand(shape, device=cuda, generator=gen) > 0.3) & (x.exp() - x - 1 - 10).abs().ge(1e-2)
+    mask[0] = False  # a fully masked sequence
+    # GSPO's clip edges 1 - 3e-4 and 1 + 4e-4 against each answer's ratio (~1 +- 0.006 here): answers within
+    # 1e-5 of one are left out whole, as _near_a_kink leaves out tokens.
+    m = mask.double()
+    ratio = (((logp.double() - old.double()) * m).sum(-1) / m.sum(-1).clamp_min(1)).exp()
+    mask &= ~((ratio - (1 - 3e-4)).abs().lt(1e-5) | (ratio - (1 + 4e-4)).abs().lt(1e-5))[:, None]
+    kwargs = dict(ref_logp=ref, clip_low=3e-4, clip_high=4e-4, kl_coef=0.05, agg=agg, clip_ratio_c=None, loss="gspo")
+
+    def run(fn, x):
+        x = x.detach().clone().requires_grad_(True)
+        loss, metrics = fn(x)
+        loss.backward()
+        return loss.detach(), x.grad, metrics
+
+    oracle = run(lambda x: policy_loss_reference(x, old.double(), advantages.double(), mask, **{
+        **kwargs, "ref_logp": ref.double()}), logp.double())
+    reference = run(lambda x: policy_loss(x, old, advantages, mask, impl="torch", **kwargs), logp)
+    poison_free_memory(cuda)
+    kernel = run(lambda x: policy_loss(x, old, advantages, mask, impl="triton", **kwargs), logp)
+    assert kernel[1].dtype == dtype
+    seed = gen.initial_seed()
+    assert 0 < oracle[2]["clip_frac"] < 1
+    assert_as_close_as_reference(kernel[0], reference[0], oracle[0], "loss", seed)
+    assert_as_close_as_reference(kernel[1], reference[1], oracle[1], "grad", seed)
+    for name in oracle[2]:
+        assert_as_close_as_reference(kernel[2][name], reference[2][name], oracle[2][name], name, seed)
+
+
 def _near_a_kink(logp, old, ref, margin=1e-3):
     """Tokens within `margin` of a clip edge (ratio 1 - 0.2, 1 + 0.28, the dual-clip cap 3) or of
     low_var_kl's clamp at 10: there the loss or its gradient jumps, and the kernel's fast exp (a few
@@ -217,6 +255,9 @@ def test_no_op_synchronises_with_the_host(cuda, gen):
         group_advantages(rewards, index, "grpo", impl="triton")
         loss, _ = policy_loss(logp, logp.detach() + 0.1, torch.randn(8, device=cuda, generator=gen), mask,
                               logp.detach() - 0.1, 0.2, 0.28, 0.05, impl="triton")
+        loss.backward()
+        loss, _ = policy_loss(logp, logp.detach() + 0.1, torch.randn(8, device=cuda, generator=gen), mask,
+                              logp.detach() - 0.1, 3e-4, 4e-4, 0.05, loss="gspo", impl="triton")
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
