@@ -348,10 +348,8 @@ class GroupReceiver:
             self._hello(route, frame, msg)
         elif isinstance(msg, Goodbye):
             self._goodbye(route, frame, msg)
-        elif isinstance(msg, WeightsLoaded):
-            self._loaded(route, frame, msg)
-        elif isinstance(msg, Heartbeat):
-            self._heartbeat(route, frame, msg)
+        elif isinstance(msg, (WeightsLoaded, Heartbeat)):
+            self._control(route, frame, msg)
         else:
             self._drop(route, frame, "unexpected_type", f"a {type(msg).__name__}, which only the receiver sends")
 
@@ -418,26 +416,19 @@ class GroupReceiver:
         if self._weights is not None:
             self._sock.send_multipart([route, encode(self._weights)])
 
-    def _loaded(self, route: bytes, frame: zmq.Frame, loaded: WeightsLoaded) -> None:
+    def _control(self, route: bytes, frame: zmq.Frame, msg: WeightsLoaded | Heartbeat) -> None:
+        """A session's WeightsLoaded (its engine runs that version now) or Heartbeat (its process runs)."""
         state = self._routes.get(route)
+        what = type(msg).__name__
         if state is None:
-            self._drop(route, frame, "no_hello", "a WeightsLoaded before its Hello")
-        elif state.producer != loaded.producer:
-            self._drop(route, frame, "wrong_producer", f"a WeightsLoaded of {loaded.producer!r} on the "
-                                                       f"connection of producer {state.producer!r}")
-        else:
-            state.weight_version = max(state.weight_version, loaded.version)
-            state.last_seen = time.monotonic()
-
-    def _heartbeat(self, route: bytes, frame: zmq.Frame, beat: Heartbeat) -> None:
-        state = self._routes.get(route)
-        if state is None:
-            self._drop(route, frame, "no_hello", "a Heartbeat before its Hello")
-        elif state.producer != beat.producer:
-            self._drop(route, frame, "wrong_producer", f"a Heartbeat of {beat.producer[:_MAX_NAME]!r} on the "
+            self._drop(route, frame, "no_hello", f"a {what} before its Hello")
+        elif state.producer != msg.producer:
+            self._drop(route, frame, "wrong_producer", f"a {what} of {msg.producer[:_MAX_NAME]!r} on the "
                                                        f"connection of producer {state.producer!r}")
         else:
             state.last_seen = time.monotonic()
+            if isinstance(msg, WeightsLoaded):
+                state.weight_version = max(state.weight_version, msg.version)
 
     def _goodbye(self, route: bytes, frame: zmq.Frame, goodbye: Goodbye) -> None:
         state = self._routes.get(route)

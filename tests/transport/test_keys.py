@@ -14,7 +14,7 @@ import stat
 
 import pytest
 import zmq
-from transport_producer import RawPeer
+from transport_producer import RawPeer, handshake
 
 from medvl_engine import cli
 from medvl_engine.errors import ConfigError
@@ -36,18 +36,6 @@ def keys(tmp_path_factory):
 
 def error(seq: int = -1, position: int = -1) -> RolloutError:
     return RolloutError(producer="", seq=seq, prompt_id="q", reason="timeout", position=position)
-
-
-def handshake(receiver: GroupReceiver, sender: GroupSender) -> int:
-    """The receiver answers a Hello only while it reads: alternate until the sender has its Credit."""
-    for _ in range(100):
-        with pytest.raises(TimeoutError):
-            receiver.recv(timeout=0.05)
-        try:
-            return sender.handshake(timeout=0.05)
-        except TimeoutError:
-            pass
-    raise AssertionError("no handshake within 10 s")
 
 
 def read(receiver: GroupReceiver, seconds: float = 0.5) -> list:

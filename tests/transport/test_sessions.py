@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from transport_producer import handshake
 
 from medvl_engine.transport.messages import RolloutError
 from medvl_engine.transport.receiver import GroupReceiver
@@ -20,17 +21,6 @@ SHARDS = {"rollout-0": (0, 2), "rollout-1": (1, 2)}
 
 def error(seq: int, position: int) -> RolloutError:
     return RolloutError(producer="", seq=seq, prompt_id=f"q{position}", reason="timeout", position=position)
-
-
-def handshake(receiver: GroupReceiver, sender: GroupSender) -> int:
-    for _ in range(200):
-        with pytest.raises(TimeoutError):
-            receiver.recv(timeout=0.02)
-        try:
-            return sender.handshake(timeout=0.02)
-        except TimeoutError:
-            pass
-    raise AssertionError("no handshake within 10 s")
 
 
 def stopped(sender: GroupSender, receiver: GroupReceiver | None = None) -> Stopped:

@@ -45,6 +45,23 @@ class RawPeer:
         self.context.term()
 
 
+def handshake(receiver, sender: GroupSender, seconds: float = 10.0) -> int:
+    """The receiver answers a Hello only while it reads: alternate until the sender has its Credit; returns
+    the position the sender resumes at. (A message arriving meanwhile is an error: handshake first.)"""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            receiver.recv(timeout=0.02)
+            raise AssertionError("a message arrived during a handshake")
+        except TimeoutError:
+            pass
+        try:
+            return sender.handshake(timeout=0.02)
+        except TimeoutError:
+            pass
+    raise AssertionError(f"no handshake within {seconds} s")
+
+
 def make_message(producer: str, seq: int) -> RolloutGroup | RolloutError:
     """Position `seq` of `producer`'s stream: a group of 1-8 answers of 0-64 tokens, or now and then an error."""
     rng = np.random.default_rng([zlib.crc32(producer.encode()), seq])
