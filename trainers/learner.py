@@ -162,7 +162,7 @@ class Learner:
         self.engine = engine
         # True: the answers of a micro-batch go through the model end to end in one row, without padding
         # (`pack`); `model.packing` decides (auto: with a varlen attention kernel). Read at every call.
-        self.packing = model_cfg.packing_on
+        self.packing = model_cfg is not None and model_cfg.packing_on
         # True: log-probs through the fused output head (needs `install_fused_head` on the policy and
         # the reference before they were wrapped); False: through the full logits. Read at every call.
         self.fused_logprobs = fused_logprobs
