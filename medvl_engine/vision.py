@@ -100,7 +100,10 @@ def model_rgb(image: Image.Image) -> Image.Image:
     the installed processor's own; an RGB image then passes any processor unchanged."""
     from transformers.image_transforms import convert_to_rgb
 
-    return Image.fromarray(convert_to_rgb(image, return_numpy=True), "RGB")
+    # The installed transformers' rule (5.25 composites alpha on white; 5.19, which vLLM's CPU build pins, uses
+    # PIL's convert): a learner and an engine in different environments can still differ.
+    converted = convert_to_rgb(image)
+    return converted if converted is not image else image.convert("RGB")
 
 
 def decoded_copy(image: Image.Image) -> Image.Image:
