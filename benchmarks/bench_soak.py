@@ -31,26 +31,12 @@ ATTACKS = ("garbage", "multipart", "impostor_hello", "unknown_hello", "flood", "
 
 
 def tiny_model(folder: Path) -> str:
-    """A random 2-layer Llama over a byte-level ChatML tokenizer: answers are nonsense, every one decodable."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    """bench_rollout's random Llama over a byte-level ChatML tokenizer (hidden 64, 2 layers), saved: answers are
+    nonsense, every one decodable."""
+    from bench_rollout import tiny_model_and_tokenizer  # this folder is the script's, so on sys.path
 
-    chatml = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(bytes_to_unicode().values())}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        padding_side="left", chat_template=chatml)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, initializer_range=0.2, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model, tokenizer = tiny_model_and_tokenizer(hidden=64, layers=2)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 

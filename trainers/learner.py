@@ -58,10 +58,8 @@ class MicroBatch:
                           vision={k: v.to(dev) for k, v in self.vision.items()})
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        """The keyword arguments of the model's forward for this micro-batch (a packed row has no attention mask:
-        its `vision` holds its position ids)."""
-        mask = {} if self.attention_mask is None else {"attention_mask": self.attention_mask}
-        return {"input_ids": self.input_ids, **mask, **self.vision}
+        """The keyword arguments of the model's forward for this micro-batch."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
 
 
 def pad_sequences(sequences: list[list[int]], loss_starts: list[int], pad_id: int) -> MicroBatch:
@@ -253,28 +251,28 @@ class Learner:
             raise RuntimeError("response_logprobs(reference=True): the learner was built without a reference")
         if self.packing:
             packed = pack(micro, *_rope_index(model))
-            flat = MicroBatch.__new__(MicroBatch)  # the packed row: its inputs are not a padded batch's
-            flat.input_ids, flat.targets, flat.mask, flat.vision = packed.inputs["input_ids"], packed.targets, \
-                packed.mask, {k: v for k, v in packed.inputs.items() if k != "input_ids"}
-            flat.attention_mask = None
-            out = self._logprobs_of(model, flat, temperature, return_entropy)
+            out = self._logprobs_of(model, packed.inputs, packed.targets, packed.mask, temperature, return_entropy)
             shape = tuple(micro.targets.shape)
             if return_entropy:
                 return unpack(out[0], packed, shape), unpack(out[1], packed, shape)
             return unpack(out, packed, shape)
-        return self._logprobs_of(model, micro, temperature, return_entropy)
+        return self._logprobs_of(model, micro.model_inputs(), micro.targets, micro.mask, temperature, return_entropy)
 
-    def _logprobs_of(self, model, micro: MicroBatch, temperature: float, return_entropy: bool):
+    def _logprobs_of(self, model, inputs: dict[str, torch.Tensor], targets: torch.Tensor, mask: torch.Tensor,
+                     temperature: float, return_entropy: bool):
+        """Log-probs (and entropy) of `targets` where `mask`, from one forward of `model` on `inputs` (a padded
+        micro-batch's, or a packed row's)."""
         if self.fused_logprobs:
-            return self._fused_logprobs(model, micro, temperature, return_entropy)
+            return self._fused_logprobs(model, inputs, targets, mask, temperature, return_entropy)
         from medvl_engine.kernels import token_logprobs
 
-        logits = self.logits(model, micro)
-        tokens = micro.targets.masked_fill(~micro.mask, -1)  # negative: no log-prob, no gradient
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        tokens = targets.masked_fill(~mask, -1)  # negative: no log-prob, no gradient
         return token_logprobs(logits, tokens, temperature=temperature, return_entropy=return_entropy)
 
     @staticmethod
-    def _fused_logprobs(model, micro: MicroBatch, temperature: float, return_entropy: bool):
+    def _fused_logprobs(model, inputs: dict[str, torch.Tensor], targets: torch.Tensor, mask: torch.Tensor,
+                        temperature: float, return_entropy: bool):
         from medvl_engine.trainers.fused_head import fused_head
 
         head = fused_head(model)
@@ -282,8 +280,8 @@ class Learner:
             raise RuntimeError("response_logprobs: fused_logprobs is on but the model's output projection is not a "
                                "FusedLogprobHead; call install_fused_head(model) before wrapping it (Learner.build "
                                "does), or set fused_logprobs=False")
-        with head.logprobs(micro.targets, micro.mask, temperature=temperature, return_entropy=return_entropy):
-            out = model(**micro.model_inputs(), use_cache=False).logits
+        with head.logprobs(targets, mask, temperature=temperature, return_entropy=return_entropy):
+            out = model(**inputs, use_cache=False).logits
         return (out[..., 0], out[..., 1]) if return_entropy else out[..., 0]
 
     # -- update ---------------------------------------------------------------------------------------

@@ -184,10 +184,6 @@ def run(cfg: WorkerConfig) -> int:
     return code
 
 
-def _engine_failure(item) -> bool:
-    return isinstance(item, FailedPrompt) and item.attempts > 0
-
-
 class RolloutWorker:
     """PromptStream -> RolloutPool -> reorder buffer -> GroupSender, with the learner's announcements applied."""
 
@@ -264,7 +260,7 @@ class RolloutWorker:
         ready: dict[int, object] = {}
         next_seq, sent = start_seq, 0
         async for item in pool.stream():
-            if _engine_failure(item) and self.on_engine_failure == "restart":
+            if isinstance(item, FailedPrompt) and item.attempts > 0 and self.on_engine_failure == "restart":
                 raise EngineFailed(f"the engine failed the prompt at stream position {item.request.position} "
                                    f"({item.request.prompt_id}) after {item.attempts} attempt(s): {item.reason}")
             ready[self.seq_of(item.request.position)] = item
