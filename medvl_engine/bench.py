@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -121,14 +122,21 @@ def skip_reason(bench: Benchmark, *, cuda: bool) -> str:
     return ""
 
 
+# What `trainers.distributed.init_distributed` sets in the environment of a single-process run.
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_one(name: str, bench: Benchmark, folder: Path, scratch: Path, *, quick: bool, timeout: float) -> dict:
     """Run one script as a subprocess; its status, command, output tail, seconds and JSON rows."""
     out = scratch / f"{name}.jsonl"
     command = [sys.executable, str(folder / bench.script), *(bench.quick if quick else ()), "--out", str(out)]
     start = time.perf_counter()
     try:
-        # From the repository root: the scripts record its git commit in every row.
-        done = subprocess.run(command, cwd=folder.parent, capture_output=True, text=True, timeout=timeout)
+        # From the repository root: the scripts record its git commit in every row. Without the torch.distributed
+        # rendezvous a learner in this process left in the environment (a script that trains would try to join
+        # it: EADDRINUSE on the port it names).
+        env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+        done = subprocess.run(command, cwd=folder.parent, capture_output=True, text=True, timeout=timeout, env=env)
         output, rc = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as exc:
         output, rc = f"{exc.stdout or ''}{exc.stderr or ''}", None
