@@ -190,8 +190,11 @@ def stream_from(position: int, stop: int, endpoint: str, model, tokenizer, sampl
     messages: list = []
 
     def learner():
-        while len(messages) < stop - position:
-            messages.append(receiver.recv(timeout=60))
+        try:
+            while len(messages) < stop - position:
+                messages.append(receiver.recv(timeout=60))
+        finally:
+            receiver.close()  # by the thread that reads it: a ZeroMQ socket is never used from two threads
 
     thread = threading.Thread(target=learner)
     thread.start()
@@ -204,8 +207,7 @@ def stream_from(position: int, stop: int, endpoint: str, model, tokenizer, sampl
         assert asyncio.run(asyncio.wait_for(worker.run(), 120)) == stop - position
     finally:
         thread.join(60)
-        sender.close()
-        receiver.close()
+        sender.close(linger_s=0)
     assert [m.seq for m in messages] == list(range(position, stop))
     return messages
 
